@@ -1,0 +1,222 @@
+"""The HTTP API (Bottle) and the web process's entry point.
+
+``create_app`` builds the WSGI app from its collaborators (tests call it directly). The module-level
+``app`` builds itself from the environment on its first request, so ``gunicorn app:app`` and friends
+work while importing this module stays free of side effects. ``python app.py`` serves it on gevent
+and supervises the worker.
+"""
+
+if __name__ == "__main__":  # the entry point patches before anything else is imported
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+from bottle import Bottle, HTTPError, HTTPResponse, request, response  # noqa: E402
+
+from auth import KeyChecker, presented_key  # noqa: E402
+from http_errors import (  # noqa: E402
+    SecureJSONMiddleware,
+    StartResponse,
+    WSGIApp,
+    error_payload,
+    error_response,
+    json_response,
+)
+from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms  # noqa: E402
+from validation import BodyError, parse_chat_completion  # noqa: E402
+
+log = logging.getLogger("llm_proxy.api")
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+RETRY_AFTER_UNAVAILABLE = "5"
+RETRY_AFTER_QUEUE_FULL = "10"
+_PUBLIC_FIELDS = ("status", "request", "timestamp", "response", "error", "attempts")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiSettings:
+    max_body_bytes: int
+    max_queue: int
+
+
+def new_request_id() -> str:
+    return "chatreq_" + secrets.token_urlsafe(18)  # 144 random bits
+
+
+def read_body(environ: dict[str, Any], limit: int) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes without reading them all."""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.strip():
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BodyError([{"path": "", "message": "invalid Content-Length"}]) from None
+        if length > limit:
+            raise BodyTooLarge
+        return bytes(stream.read(length)) if length > 0 else b""
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+
+
+def create_app(
+    *,
+    queue: JobQueue,
+    statuses: StatusStore,
+    keys: KeyChecker,
+    settings: ApiSettings,
+    notify: Callable[[], None] = lambda: None,
+) -> WSGIApp:
+    api = Bottle(catchall=True, autojson=True)
+
+    def authenticate() -> str | HTTPResponse:
+        owner = keys.owner(presented_key(request.headers))
+        if owner is None:
+            return error_response(401, "Invalid or missing API key. Send it in the X-API-Key header "
+                                  "or as 'Authorization: Bearer <key>'.", "authentication_error",
+                                  headers={"WWW-Authenticate": 'Bearer realm="llm-proxy"'})
+        return owner
+
+    def unavailable(exc: StorageUnavailable) -> HTTPResponse:
+        log.error("storage unavailable: %s", exc)
+        return error_response(503, "The request could not be stored right now; retry shortly.",
+                              "service_unavailable", headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
+
+    @api.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/v1/chat/completions")
+    def submit() -> HTTPResponse:
+        owner = authenticate()
+        if isinstance(owner, HTTPResponse):
+            return owner
+        try:
+            body = parse_chat_completion(read_body(request.environ, settings.max_body_bytes))
+        except BodyTooLarge:
+            return error_response(413, f"The request body exceeds {settings.max_body_bytes} bytes.",
+                                  "request_too_large")
+        except BodyError as exc:
+            return error_response(400, "Invalid request body", "validation_error", details=exc.details)
+        request_id = new_request_id()
+        job = Job(request_id=request_id, body=body, owner=owner)
+        try:
+            if queue.waiting() >= settings.max_queue:
+                return error_response(
+                    429, f"The queue is full ({settings.max_queue} requests waiting); retry later.",
+                    "queue_full", headers={"Retry-After": RETRY_AFTER_QUEUE_FULL})
+            ticket = queue.put(job)
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        # Stored only if the worker has not already written a newer status for this id.
+        pending = {"status": Status.PENDING.value, "request": body, "owner": owner,
+                   "timestamp": now_ms(), "ticket": ticket, "attempts": 0}
+        try:
+            statuses.create(request_id, pending)
+        except StorageUnavailable as exc:
+            # The job itself is durable; the worker writes its status when it claims it.
+            log.warning("request %s queued but its pending status was not stored: %s", request_id, exc)
+        notify()
+        try:
+            position = queue.position(ticket) or 0
+            active = queue.in_flight()
+        except StorageUnavailable:
+            position, active = 0, 0
+        return json_response(202, {
+            "request_id": request_id,
+            "status": Status.PENDING.value,
+            "queue_position": position,
+            "active_requests": active,
+        }, headers={"Location": f"/v1/chat/completions/{request_id}"})
+
+    @api.get("/v1/chat/completions/<request_id>")
+    def status(request_id: str) -> HTTPResponse:
+        owner = authenticate()
+        if isinstance(owner, HTTPResponse):
+            return owner
+        not_found = error_response(404, "Request not found", "request_not_found")
+        if not REQUEST_ID.match(request_id):
+            return not_found
+        try:
+            entry = statuses.get(request_id)
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        if entry is None or entry.get("owner") != owner:
+            return not_found
+        body = {"request_id": request_id}
+        body.update({k: entry[k] for k in _PUBLIC_FIELDS if k in entry})
+        if entry["status"] == Status.PENDING.value:
+            try:
+                ticket = entry.get("ticket")
+                body["queue_position"] = (queue.position(ticket) or 0) if ticket else 0
+            except StorageUnavailable:
+                body["queue_position"] = 0
+        return json_response(200, body)
+
+    def error_page(error: HTTPError) -> str:
+        if error.status_code >= 500:
+            if error.exception is not None:
+                log.error("unhandled error on %s %s: %r\n%s", request.method, request.path,
+                          error.exception, error.traceback)
+            payload = error_payload(error.status_code)
+        elif error.status_code == 404:
+            payload = error_payload(404, f"No route for {request.method} {request.path}", "not_found")
+        else:
+            payload = error_payload(error.status_code)
+        response.content_type = "application/json"
+        return json.dumps(payload)
+
+    api.default_error_handler = error_page  # type: ignore[assignment]
+    return SecureJSONMiddleware(api)
+
+
+class LazyApp:
+    """A WSGI app built from the environment on first use (for external WSGI servers)."""
+
+    def __init__(self) -> None:
+        self._app: WSGIApp | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self._app is None:
+            from server import build_web
+
+            self._app = build_web()[0]
+        return self._app(environ, start_response)
+
+
+app = LazyApp()
+
+
+def main() -> int:
+    from server import run_web
+
+    return run_web()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Configuration: every environment variable is read once, here, into one frozen object.
+
+Entry points call ``load_config(os.environ)``; nothing else reads the environment, so tests build a
+``Config`` directly and never patch ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+
+
+class ConfigError(ValueError):
+    """A configuration variable has a value the service cannot run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    port: int = 3000
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted in X-API-Key / Authorization: Bearer. Empty: a generated key is used."""
+    openai_api_key: str | None = None
+    openai_api_base_url: str = DEFAULT_UPSTREAM
+    max_concurrent: int = 2
+    max_retries: int = 3
+    request_timeout: float = 300.0
+    result_ttl: float = 3600.0
+    data_dir: Path = Path("./data")
+    max_body_bytes: int = 1024 * 1024
+    embedded_worker: bool = True
+    max_queue: int = 10_000
+    shutdown_timeout: float = 20.0
+    retry_base_delay: float = 0.5
+    """First backoff wait between upstream attempts; doubles each time."""
+    retry_max_delay: float = 30.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        # Secrets never reach a log, even through an accidental repr.
+        shown = {
+            f.name: ("***" if f.name in ("api_keys", "openai_api_key") else getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def _int(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, raw: str, minimum: float) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _base_url(name: str, raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an absolute http(s) URL, got {raw!r}")
+    return url
+
+
+def _keys(name: str, raw: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for key in keys:
+        if len(key) < 8:
+            raise ConfigError(f"{name}: every key must be at least 8 characters long")
+    return keys
+
+
+def _level(name: str, raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{name} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build the config from environment variables; raise ConfigError naming the bad variable."""
+    values: dict[str, object] = {}
+
+    def take(name: str, field: str, parse: Callable[[str, str], T]) -> None:
+        raw = env.get(name)
+        if raw is not None and raw.strip() != "":
+            values[field] = parse(name, raw)
+
+    take("PORT", "port", lambda n, r: _int(n, r, 1))
+    take("API_KEY", "api_keys", _keys)
+    take("OPENAI_API_KEY", "openai_api_key", lambda n, r: r.strip())
+    take("OPENAI_API_BASE_URL", "openai_api_base_url", _base_url)
+    take("MAX_CONCURRENT", "max_concurrent", lambda n, r: _int(n, r, 1))
+    take("MAX_RETRIES", "max_retries", lambda n, r: _int(n, r, 0))
+    take("REQUEST_TIMEOUT", "request_timeout", lambda n, r: _float(n, r, 0.001))
+    take("RESULT_TTL", "result_ttl", lambda n, r: _float(n, r, 1))
+    take("DATA_DIR", "data_dir", lambda n, r: Path(r.strip()))
+    take("MAX_BODY_BYTES", "max_body_bytes", lambda n, r: _int(n, r, 1024))
+    take("EMBEDDED_WORKER", "embedded_worker", _bool)
+    take("MAX_QUEUE", "max_queue", lambda n, r: _int(n, r, 1))
+    take("SHUTDOWN_TIMEOUT", "shutdown_timeout", lambda n, r: _float(n, r, 0))
+    take("RETRY_BASE_DELAY", "retry_base_delay", lambda n, r: _float(n, r, 0))
+    take("RETRY_MAX_DELAY", "retry_max_delay", lambda n, r: _float(n, r, 0))
+    take("LOG_LEVEL", "log_level", _level)
+    port = values.get("port", 3000)
+    if isinstance(port, int) and port > 65535:
+        raise ConfigError(f"PORT must be <= 65535, got {port}")
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def load_from_process_env() -> Config:
+    """Read `.env` (when present; real environment variables win), then the environment."""
+    from dotenv import load_dotenv
+
+    load_dotenv(dotenv_path=Path.cwd() / ".env", override=False)
+    return load_config(os.environ)

@@ -1,0 +1,91 @@
+"""JSON error bodies and the response headers every answer carries, errors and crashes included."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bottle import HTTPResponse
+
+log = logging.getLogger("llm_proxy.http")
+
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Origin-Agent-Cluster", "?1"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Strict-Transport-Security", "max-age=31536000; includeSubDomains"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-DNS-Prefetch-Control", "off"),
+    ("X-Download-Options", "noopen"),
+    ("X-Frame-Options", "SAMEORIGIN"),
+    ("X-Permitted-Cross-Domain-Policies", "none"),
+    ("X-XSS-Protection", "0"),
+    ("Cache-Control", "no-store"),
+)
+_REPLACED = {name.lower() for name, _ in SECURITY_HEADERS} | {"server", "x-powered-by"}
+
+_REASONS = {
+    400: ("Bad request", "invalid_request_error"),
+    401: ("Invalid or missing API key", "authentication_error"),
+    404: ("Not found", "not_found"),
+    405: ("Method not allowed", "method_not_allowed"),
+    413: ("Request body too large", "request_too_large"),
+    500: ("Internal server error", "internal_error"),
+    503: ("Service temporarily unavailable", "service_unavailable"),
+}
+
+
+def error_payload(status: int, message: str | None = None, kind: str | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    default_message, default_kind = _REASONS.get(
+        status, ("Request failed", "invalid_request_error" if status < 500 else "internal_error")
+    )
+    error: dict[str, Any] = {"message": message or default_message, "type": kind or default_kind}
+    error.update(extra)
+    return {"error": error}
+
+
+def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> HTTPResponse:
+    response = HTTPResponse(body=json.dumps(payload), status=status)
+    response.content_type = "application/json"
+    for name, value in (headers or {}).items():
+        response.set_header(name, value)
+    return response
+
+
+def error_response(status: int, message: str | None = None, kind: str | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> HTTPResponse:
+    return json_response(status, error_payload(status, message, kind, **extra), headers)
+
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class SecureJSONMiddleware:
+    """Adds the security headers to every response and turns anything that escapes the app into a
+    JSON 500 (Bottle's after_request hooks do not run for those)."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def secured(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            kept = [(k, v) for k, v in headers if k.lower() not in _REPLACED]
+            return start_response(status, kept + list(SECURITY_HEADERS), exc_info)
+
+        try:
+            return self.app(environ, secured)
+        except Exception:
+            log.exception("unhandled error for %s %s", environ.get("REQUEST_METHOD"),
+                          environ.get("PATH_INFO"))
+            body = json.dumps(error_payload(500)).encode()
+            secured("500 Internal Server Error", [
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body)))
+            ], sys.exc_info())
+            return [body]

@@ -1,0 +1,124 @@
+"""The storage seam: a durable job queue and a status store.
+
+The HTTP layer and the worker loop only see these two interfaces. ``sqlite_storage`` implements
+them on persist-queue and diskcache for one machine; a networked back end (Redis, Postgres) is a
+new pair of subclasses run against the same test suite (``tests/test_storage.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    ERROR = "error"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.COMPLETED, Status.ERROR)
+
+
+class StorageUnavailable(Exception):
+    """The back end could not durably store or read (disk full, locked, not writable)."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """What the queue carries: everything the worker needs without reading the status store."""
+
+    request_id: str
+    body: dict[str, Any]
+    """The client's body exactly as sent (webhookUrl included)."""
+    owner: str
+    """A digest of the API key that submitted it (never the key itself)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "body": self.body, "owner": self.owner}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        return cls(request_id=data["request_id"], body=data["body"], owner=data["owner"])
+
+
+@dataclass(frozen=True)
+class Claim:
+    ticket: int
+    job: Job
+
+
+class JobQueue:
+    """A durable FIFO of jobs. Exactly one consumer process may claim from it."""
+
+    def put(self, job: Job) -> int:
+        """Store the job durably (on disk when this returns) and return its ticket.
+
+        Raises StorageUnavailable when it could not be stored.
+        """
+        raise NotImplementedError
+
+    def claim(self) -> Claim | None:
+        """Take the oldest waiting job without blocking, marking it in flight; None if none wait."""
+        raise NotImplementedError
+
+    def ack(self, ticket: int) -> None:
+        """The job reached a final state: it is never handed out again."""
+        raise NotImplementedError
+
+    def release(self, ticket: int) -> None:
+        """Put an in-flight job back among the waiting ones, at its old place."""
+        raise NotImplementedError
+
+    def recover(self) -> int:
+        """Consumer start-up only: jobs left in flight by a dead consumer wait again. Returns how many."""
+        raise NotImplementedError
+
+    def waiting(self) -> int:
+        """How many jobs wait to be claimed, counted across processes."""
+        raise NotImplementedError
+
+    def in_flight(self) -> int:
+        """How many jobs are claimed and not yet acked, counted across processes."""
+        raise NotImplementedError
+
+    def position(self, ticket: int) -> int | None:
+        """1-based place of a waiting job among the waiting ones; None if it no longer waits."""
+        raise NotImplementedError
+
+    def compact(self) -> int:
+        """Forget acked jobs so disk use stays bounded. Returns how many rows were dropped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class StatusStore:
+    """Status entries keyed by request id. Entries without a ttl never expire nor get evicted."""
+
+    def create(self, request_id: str, entry: dict[str, Any]) -> bool:
+        """Store the entry only if none exists; True if stored."""
+        raise NotImplementedError
+
+    def put(self, request_id: str, entry: dict[str, Any], ttl: float | None = None) -> None:
+        """Store (replace) the entry; with a ttl it disappears that many seconds from now."""
+        raise NotImplementedError
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def purge_expired(self) -> int:
+        """Delete expired entries now. Returns how many."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,186 @@
+"""One call to the OpenAI-compatible upstream, classified for the retry policy.
+
+Which failures are retried follows the official OpenAI SDK: connection errors, timeouts, 408, 409,
+429 and 5xx; never other 4xx nor a 429 whose code is ``insufficient_quota`` (it will not go away).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger("llm_proxy.upstream")
+
+USER_AGENT = "llm-proxy/1.0"
+RETRY_AFTER_CEILING = 60.0
+"""An upstream Retry-After above this is not waited out in full (the SDK's own limit)."""
+_MAX_MESSAGE = 500
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] = field(default_factory=dict)
+    """``{"message", "type", ...}`` when the call failed."""
+    retryable: bool = False
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None
+
+
+def forwarded_body(body: dict[str, Any]) -> dict[str, Any]:
+    """What goes upstream: the client's body minus our own field, always non-streamed."""
+    return {k: v for k, v in body.items() if k not in ("webhookUrl", "stream", "stream_options")}
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rand: random.Random | None = None,
+) -> float:
+    """Wait before attempt ``attempt + 1`` (attempts count from 1): the upstream's hint when it gave
+    a usable one, else ``base * 2**(attempt-1)`` capped, minus up to 25% jitter."""
+    if retry_after is not None and retry_after <= RETRY_AFTER_CEILING:
+        return retry_after
+    delay = min(base * (2 ** (attempt - 1)), cap)
+    if retry_after is not None:
+        delay = max(delay, min(cap, RETRY_AFTER_CEILING))
+    jitter = (rand or random).random()
+    return delay * (1 - 0.25 * jitter)
+
+
+def _upstream_message(payload: Any, fallback: str) -> tuple[str, str | None]:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        message = error.get("message")
+        code = error.get("code") or error.get("type")
+        return (str(message)[:_MAX_MESSAGE] if message else fallback), (str(code) if code else None)
+    if isinstance(error, str):
+        return error[:_MAX_MESSAGE], None
+    return fallback, None
+
+
+def classify_response(status: int, payload: Any, headers: Any) -> Outcome:
+    if 200 <= status < 300:
+        if isinstance(payload, dict):
+            return Outcome(response=payload)
+        return Outcome(
+            error={"message": "the upstream answered with a body that is not a JSON object",
+                   "type": "upstream_error", "upstream_status": status},
+            retryable=True,
+        )
+    message, code = _upstream_message(payload, f"the upstream answered HTTP {status}")
+    error: dict[str, Any] = {"message": message, "type": "upstream_error", "upstream_status": status}
+    if code:
+        error["code"] = code
+    retry_after = parse_retry_after(headers)
+    if status == 429:
+        error["type"] = "rate_limited"
+        return Outcome(error=error, retryable=code != "insufficient_quota", retry_after=retry_after)
+    retryable = status in (408, 409) or status >= 500
+    return Outcome(error=error, retryable=retryable, retry_after=retry_after if retryable else None)
+
+
+class UpstreamClient:
+    """Posts chat completions to ``{base_url}/chat/completions`` over one pooled session."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        pool_size: int,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._timeout = timeout
+        self._session = session or requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.trust_env = False
+        self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def complete(self, body: dict[str, Any]) -> Outcome:
+        data = json.dumps(forwarded_body(body)).encode("utf-8")
+        # requests has no total deadline (its read timeout is per socket read): gevent gives one.
+        deadline = gevent.Timeout(self._timeout)
+        deadline.start()
+        try:
+            reply = self._session.post(
+                self._url,
+                data=data,
+                headers=self._headers,
+                timeout=(min(10.0, self._timeout), self._timeout),
+                allow_redirects=False,
+            )
+            try:
+                payload: Any = reply.json()
+            except ValueError:
+                payload = None
+            return classify_response(reply.status_code, payload, reply.headers)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            return _timeout_outcome(self._timeout)
+        except requests.Timeout:
+            return _timeout_outcome(self._timeout)
+        except requests.RequestException as exc:
+            # The exception text can carry the URL; the class name says enough.
+            log.warning("upstream call failed: %s", type(exc).__name__)
+            return Outcome(
+                error={"message": f"could not reach the upstream ({type(exc).__name__})",
+                       "type": "network_error"},
+                retryable=True,
+            )
+        finally:
+            deadline.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _timeout_outcome(seconds: float) -> Outcome:
+    return Outcome(
+        error={"message": f"the upstream did not answer within {seconds:g} s", "type": "timeout"},
+        retryable=True,
+    )

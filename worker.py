@@ -1,0 +1,347 @@
+"""The worker: the only consumer of the job queue.
+
+``python worker.py`` runs it alone; ``python app.py`` starts it as a supervised child. It claims
+jobs while fewer than ``MAX_CONCURRENT`` are in flight, runs each in its own greenlet (upstream
+call, retries with backoff, status transitions) and acks it once its final status is stored. The
+loop knows nothing of HTTP: it talks to a ``JobQueue``, a ``StatusStore`` and an upstream client.
+"""
+
+if __name__ == "__main__":  # the entry point patches before anything else is imported
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import fcntl  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import IO, Any, Protocol  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import gevent.pool  # noqa: E402
+
+from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms  # noqa: E402
+from supervisor import EXIT_LOCKED  # noqa: E402
+from upstream import Outcome, backoff_delay  # noqa: E402
+
+log = logging.getLogger("llm_proxy.worker")
+
+POLL_INTERVAL = 1.0
+"""How often the queue is re-read when no wake-up arrives (the wake-up is only a hint)."""
+COMPACT_INTERVAL = 10.0
+PURGE_INTERVAL = 60.0
+
+
+class Upstream(Protocol):
+    def complete(self, body: dict[str, Any]) -> Outcome: ...
+
+
+class Waker(Protocol):
+    def wait(self, timeout: float) -> bool: ...
+
+
+class _GracefulStop(Exception):
+    """Raised inside a job's greenlet when shutdown's deadline passes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    max_concurrent: int
+    max_retries: int
+    result_ttl: float
+    shutdown_timeout: float
+    retry_base_delay: float
+    retry_max_delay: float
+
+
+def status_entry(job: Job, status: Status, **fields: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "status": status.value,
+        "request": job.body,
+        "owner": job.owner,
+        "timestamp": now_ms(),
+    }
+    entry.update(fields)
+    return entry
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        statuses: StatusStore,
+        upstream: Upstream,
+        settings: WorkerSettings,
+        waker: Waker | None = None,
+        sleep: Callable[[float], Any] = gevent.sleep,
+    ) -> None:
+        self._queue = queue
+        self._statuses = statuses
+        self._upstream = upstream
+        self._settings = settings
+        self._waker = waker
+        self._sleep = sleep
+        self._pool = gevent.pool.Pool(settings.max_concurrent)
+        self._nudged = gevent.event.Event()
+        self._stopping = gevent.event.Event()
+        self._stopped = gevent.event.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish: no new claims; in-flight jobs get ``shutdown_timeout``."""
+        self._stopping.set()
+        self._nudged.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def run(self) -> None:
+        listener = gevent.spawn(self._listen) if self._waker is not None else None
+        try:
+            recovered = self._queue.recover()
+            if recovered:
+                log.info("%d interrupted request(s) are waiting again", recovered)
+            self._loop()
+        finally:
+            self._drain()
+            if listener is not None:
+                listener.kill()
+            self._stopped.set()
+
+    def _listen(self) -> None:
+        assert self._waker is not None
+        while not self._stopping.is_set():
+            if self._waker.wait(POLL_INTERVAL):
+                self._nudged.set()
+
+    def _loop(self) -> None:
+        next_compact = time.monotonic() + COMPACT_INTERVAL
+        next_purge = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_compact:
+                next_compact = now + COMPACT_INTERVAL
+                self._maintain(self._queue.compact)
+            if now >= next_purge:
+                next_purge = now + PURGE_INTERVAL
+                self._maintain(self._statuses.purge_expired)
+            if self._pool.full():
+                self._pool.wait_available(timeout=POLL_INTERVAL)
+                continue
+            self._nudged.clear()
+            try:
+                claim = self._queue.claim()
+            except StorageUnavailable as exc:
+                log.error("cannot claim work, retrying in 1 s: %s", exc)
+                self._stopping.wait(1.0)
+                continue
+            if claim is None:
+                self._nudged.wait(POLL_INTERVAL)
+                continue
+            self._pool.spawn(self._run_job, claim)
+
+    def _maintain(self, task: Callable[[], int]) -> None:
+        try:
+            task()
+        except StorageUnavailable as exc:
+            log.warning("background clean-up failed, will retry: %s", exc)
+
+    def _drain(self) -> None:
+        if not self._pool.join(timeout=self._settings.shutdown_timeout):
+            log.warning(
+                "%d request(s) still in flight after %.0f s; putting them back in the queue",
+                len(self._pool),
+                self._settings.shutdown_timeout,
+            )
+            self._pool.kill(exception=_GracefulStop, block=True, timeout=5)
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def _run_job(self, claim: Claim) -> None:
+        job = claim.job
+        try:
+            self._process(claim)
+        except _GracefulStop:
+            self._put_back(claim)
+        except StorageUnavailable as exc:
+            # The job stays claimed (unacked) and is handed out again when the worker restarts;
+            # retrying here would only spin against a broken disk.
+            log.error("request %s: storage failed, it will be retried on restart: %s",
+                      job.request_id, exc)
+        except Exception:
+            log.exception("request %s: unexpected failure", job.request_id)
+            self._finish(claim, Status.ERROR, error={
+                "message": "the proxy failed while processing the request",
+                "type": "internal_error",
+                "attempts": self._attempts_of(job),
+            })
+
+    def _attempts_of(self, job: Job) -> int:
+        entry = self._statuses.get(job.request_id)
+        return int(entry.get("attempts", 0)) if entry else 0
+
+    def _process(self, claim: Claim) -> None:
+        job = claim.job
+        entry = self._statuses.get(job.request_id)
+        if entry is not None and Status(entry["status"]).final:
+            # Delivered again after its final status was stored: only the ack was missing.
+            self._queue.ack(claim.ticket)
+            return
+        attempts = int(entry.get("attempts", 0)) if entry else 0
+        allowed = 1 + self._settings.max_retries
+        if attempts >= allowed:
+            # Every earlier attempt was cut short by a dying worker: stop instead of looping.
+            self._finish(claim, Status.ERROR, error={
+                "message": f"the request was interrupted {attempts} time(s) by a worker crash",
+                "type": "interrupted",
+                "attempts": attempts,
+            })
+            return
+        while True:
+            attempts += 1
+            # Stored before the call, so a crash during it counts as an attempt.
+            self._statuses.put(job.request_id, status_entry(job, Status.PROCESSING, attempts=attempts))
+            try:
+                outcome = self._upstream.complete(job.body)
+            except _GracefulStop:
+                # A call cut short by shutdown does not count against the request.
+                self._statuses.put(
+                    job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1)
+                )
+                raise
+            if outcome.ok:
+                self._finish(claim, Status.COMPLETED, response=outcome.response, attempts=attempts)
+                return
+            if not outcome.retryable or attempts >= allowed:
+                self._finish(claim, Status.ERROR, error={**outcome.error, "attempts": attempts})
+                return
+            delay = backoff_delay(
+                attempts,
+                base=self._settings.retry_base_delay,
+                cap=self._settings.retry_max_delay,
+                retry_after=outcome.retry_after,
+            )
+            log.info("request %s: attempt %d failed (%s), retrying in %.2f s",
+                     job.request_id, attempts, outcome.error.get("type"), delay)
+            self._sleep(delay)
+
+    def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
+        job = claim.job
+        self._statuses.put(
+            job.request_id, status_entry(job, status, **fields), ttl=self._settings.result_ttl
+        )
+        self._queue.ack(claim.ticket)
+        log.info("request %s: %s", job.request_id, status.value)
+
+    def _put_back(self, claim: Claim) -> None:
+        job = claim.job
+        try:
+            entry = self._statuses.get(job.request_id) or {}
+            if entry.get("status") != Status.PENDING.value:
+                self._statuses.put(job.request_id, status_entry(
+                    job, Status.PENDING, attempts=int(entry.get("attempts", 0))))
+            self._queue.release(claim.ticket)
+        except StorageUnavailable as exc:
+            log.error("request %s: could not put it back; it resumes on restart: %s",
+                      job.request_id, exc)
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+def acquire_lock(data_dir: Path) -> IO[str] | None:
+    """Hold ``DATA_DIR/worker.lock`` for the process's life; None if another worker holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "worker.lock", "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _watch_parent(expected: int, worker: Worker) -> None:
+    """An embedded worker whose web process died must not linger as an orphan."""
+    while os.getppid() == expected:
+        gevent.sleep(1.0)
+    log.warning("the web process is gone; stopping")
+    worker.stop()
+
+
+def main() -> int:
+    from config import ConfigError, load_from_process_env
+    from logs import setup_logging
+    from sqlite_storage import open_storage
+    from upstream import UpstreamClient
+    from wakeup import WakeupListener
+
+    try:
+        config = load_from_process_env()
+    except ConfigError as exc:
+        print(f"llm-proxy worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    lock = acquire_lock(config.data_dir)
+    if lock is None:
+        print(
+            f"llm-proxy worker: another worker is already running on DATA_DIR={config.data_dir} "
+            "(two consumers of one queue would hand out requests twice); not starting.",
+            file=sys.stderr,
+        )
+        return EXIT_LOCKED
+    queue, statuses = open_storage(config.data_dir)
+    upstream = UpstreamClient(
+        base_url=config.openai_api_base_url,
+        api_key=config.openai_api_key,
+        timeout=config.request_timeout,
+        pool_size=config.max_concurrent,
+    )
+    waker = WakeupListener(config.data_dir)
+    worker = Worker(
+        queue=queue,
+        statuses=statuses,
+        upstream=upstream,
+        waker=waker,
+        settings=WorkerSettings(
+            max_concurrent=config.max_concurrent,
+            max_retries=config.max_retries,
+            result_ttl=config.result_ttl,
+            shutdown_timeout=config.shutdown_timeout,
+            retry_base_delay=config.retry_base_delay,
+            retry_max_delay=config.retry_max_delay,
+        ),
+    )
+    gevent.signal_handler(signal.SIGTERM, worker.stop)
+    gevent.signal_handler(signal.SIGINT, worker.stop)
+    parent = os.environ.get("LLM_PROXY_SUPERVISOR_PID")
+    if parent and parent.isdigit():
+        gevent.spawn(_watch_parent, int(parent), worker)
+    log.info("worker started: MAX_CONCURRENT=%d, upstream %s",
+             config.max_concurrent, config.openai_api_base_url)
+    try:
+        worker.run()
+    finally:
+        waker.close()
+        upstream.close()
+        queue.close()
+        statuses.close()
+        lock.close()
+    log.info("worker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
