@@ -92,7 +92,10 @@ def create_app(
     settings: ApiSettings,
     notify: Callable[[], None] = lambda: None,
 ) -> WSGIApp:
-    api = Bottle(catchall=True, autojson=True)
+    # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
+    # (with catchall, Bottle would also write the traceback to wsgi.errors).
+    api = Bottle()
+    api.config["catchall"] = False
 
     def authenticate() -> str | HTTPResponse:
         owner = keys.owner(presented_key(request.headers))
@@ -154,7 +157,7 @@ def create_app(
             "active_requests": active,
         }, headers={"Location": f"/v1/chat/completions/{request_id}"})
 
-    @api.get("/v1/chat/completions/<request_id>")
+    @api.get("/v1/chat/completions/<request_id:path>")
     def status(request_id: str) -> HTTPResponse:
         owner = authenticate()
         if isinstance(owner, HTTPResponse):
@@ -179,12 +182,7 @@ def create_app(
         return json_response(200, body)
 
     def error_page(error: HTTPError) -> str:
-        if error.status_code >= 500:
-            if error.exception is not None:
-                log.error("unhandled error on %s %s: %r\n%s", request.method, request.path,
-                          error.exception, error.traceback)
-            payload = error_payload(error.status_code)
-        elif error.status_code == 404:
+        if error.status_code == 404:
             payload = error_payload(404, f"No route for {request.method} {request.path}", "not_found")
         else:
             payload = error_payload(error.status_code)

@@ -1,0 +1,201 @@
+"""Shared fixtures. The test process is an entry point too: it patches first, like app.py."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import requests  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+API_KEY = "test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@dataclass
+class FakeUpstream:
+    process: subprocess.Popen[str]
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        return dict(requests.get(f"http://127.0.0.1:{self.port}/_stats", timeout=5).json())
+
+    def reset(self) -> None:
+        requests.post(f"http://127.0.0.1:{self.port}/_reset", timeout=5)
+
+
+def start_fake_upstream(delay: float = 0.0) -> FakeUpstream:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--delay", str(delay)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("PORT "), line
+    return FakeUpstream(process=process, port=int(line.split()[1]))
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstream]:
+    upstream = start_fake_upstream()
+    yield upstream
+    upstream.process.terminate()
+    upstream.process.wait(timeout=10)
+
+
+def procfile_command(kind: str) -> list[str]:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == kind:
+            return shlex.split(command.strip())
+    raise AssertionError(f"no {kind}: line in the Procfile")
+
+
+@dataclass
+class Service:
+    """The real service, started from the Procfile's web line."""
+
+    port: int
+    data_dir: Path
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, kind: str = "web", wait: bool = True) -> subprocess.Popen[bytes]:
+        command = procfile_command(kind)
+        if command[0] == "python":
+            command[0] = sys.executable
+        with open(self.log_path, "ab") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log,
+                                       start_new_session=True)
+        if kind == "web":
+            self.process = process
+            if wait:
+                wait_until(self.healthy, timeout=20)
+        else:
+            self.extra.append(process)
+        return process
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def headers(self, key: str = API_KEY) -> dict[str, str]:
+        return {"X-API-Key": key}
+
+    def submit(self, body: dict[str, Any], key: str = API_KEY) -> requests.Response:
+        return requests.post(self.url + "/v1/chat/completions", json=body,
+                             headers=self.headers(key), timeout=10)
+
+    def status(self, request_id: str, key: str = API_KEY) -> requests.Response:
+        return requests.get(f"{self.url}/v1/chat/completions/{request_id}",
+                            headers=self.headers(key), timeout=10)
+
+    def wait_final(self, request_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            body = self.status(request_id).json()
+            return body if body.get("status") in ("completed", "error") else None
+
+        return dict(wait_until(final, timeout=timeout, interval=0.05))
+
+    def worker_pids(self) -> list[int]:
+        lock = self.data_dir / "worker.lock"
+        text = lock.read_text().strip() if lock.exists() else ""
+        return [int(text)] if text.isdigit() else []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        code = None
+        for process in [p for p in [self.process, *self.extra] if p is not None]:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                code = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.extra.clear()
+        return code
+
+
+def body(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-test", "messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.fixture
+def make_service(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def make(start: bool = True, **env: str) -> Service:
+        data_dir = tmp_path / f"data{len(services)}"
+        full_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PORT": str(free_port()),
+            "HOST": "127.0.0.1",
+            "API_KEY": API_KEY,
+            "OPENAI_API_BASE_URL": fake_upstream.base_url,
+            "OPENAI_API_KEY": "sk-upstream-secret-0000",
+            "DATA_DIR": str(data_dir),
+            "RETRY_BASE_DELAY": "0.05",
+            "SHUTDOWN_TIMEOUT": "5",
+            **env,
+        }
+        full_env = {k: v for k, v in full_env.items() if v != ""}
+        service = Service(port=int(full_env["PORT"]), data_dir=data_dir, env=full_env,
+                          log_path=tmp_path / f"service{len(services)}.log")
+        services.append(service)
+        if start:
+            service.start()
+        return service
+
+    yield make
+    for service in services:
+        service.stop(signal.SIGKILL, timeout=10)

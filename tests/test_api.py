@@ -1,0 +1,250 @@
+"""The HTTP API in-process through webtest, on the real SQLite/diskcache storage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY, body
+from webtest import TestApp
+
+from app import ApiSettings, create_app
+from auth import KeyChecker
+from http_errors import SECURITY_HEADERS
+from sqlite_storage import DiskcacheStatusStore, PersistJobQueue, open_storage
+from storage import Claim, Job, Status, StorageUnavailable
+from worker import status_entry
+
+OTHER_KEY = "other-key-987654321"
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        self.queue, self.statuses = open_storage(tmp_path / "data")
+        self.nudges = 0
+        self.app = TestApp(create_app(
+            queue=self.queue,
+            statuses=self.statuses,
+            keys=KeyChecker([API_KEY, OTHER_KEY]),
+            settings=ApiSettings(**{"max_body_bytes": 16384, "max_queue": 100, **settings}),
+            notify=self.nudge,
+        ))
+
+    def nudge(self) -> None:
+        self.nudges += 1
+
+    def submit(self, payload: Any = None, key: str = API_KEY, status: int | str = "*", **kw: Any) -> Any:
+        data = payload if isinstance(payload, bytes) else json.dumps(body() if payload is None else payload)
+        return self.app.post("/v1/chat/completions", data, headers={"X-API-Key": key},
+                             content_type="application/json", status=status, **kw)
+
+    def get(self, request_id: str, key: str = API_KEY) -> Any:
+        return self.app.get(f"/v1/chat/completions/{request_id}", headers={"X-API-Key": key},
+                            status="*")
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.queue.close()
+    harness.statuses.close()
+
+
+def assert_error(reply: Any, status: int, kind: str) -> dict[str, Any]:
+    assert reply.status_int == status
+    assert reply.content_type == "application/json"
+    error = reply.json["error"]
+    assert error["type"] == kind
+    assert isinstance(error["message"], str) and error["message"]
+    return dict(error)
+
+
+def test_health_needs_no_key(h: Harness) -> None:
+    reply = h.app.get("/health")
+    assert reply.json == {"status": "ok"}
+
+
+def test_submit_answers_202_after_queueing_durably(h: Harness, tmp_path: Path) -> None:
+    reply = h.submit(body("one"), status=202)
+    accepted = reply.json
+    assert set(accepted) == {"request_id", "status", "queue_position", "active_requests"}
+    assert accepted["status"] == "pending"
+    assert accepted["queue_position"] == 1
+    assert accepted["active_requests"] == 0
+    assert reply.headers["Location"] == f"/v1/chat/completions/{accepted['request_id']}"
+    assert h.nudges == 1
+    # Another process opening the same DATA_DIR sees the job: it is on disk, not in memory.
+    other = PersistJobQueue(tmp_path / "data" / "queue")
+    claim = other.claim()
+    assert claim is not None and claim.job.request_id == accepted["request_id"]
+    assert claim.job.body == body("one")
+    other.close()
+
+
+def test_queue_positions_and_active_requests(h: Harness) -> None:
+    ids = [h.submit(body(str(i)), status=202).json["request_id"] for i in range(3)]
+    assert h.submit(status=202).json["queue_position"] == 4
+    claim = h.queue.claim()
+    assert claim is not None
+    h.statuses.put(claim.job.request_id, status_entry(claim.job, Status.PROCESSING))
+    fourth = h.submit(status=202).json
+    assert fourth["queue_position"] == 4 and fourth["active_requests"] == 1
+    assert h.get(ids[2]).json["queue_position"] == 2
+    processing = h.get(ids[0]).json
+    assert processing["status"] == "processing" and "queue_position" not in processing
+
+
+def test_status_shapes_for_each_state(h: Harness) -> None:
+    rid = h.submit(body("hi", webhookUrl="https://example.com/h"), status=202).json["request_id"]
+    pending = h.get(rid).json
+    assert pending["status"] == "pending"
+    assert pending["request"] == body("hi", webhookUrl="https://example.com/h")
+    assert pending["queue_position"] == 1
+    assert isinstance(pending["timestamp"], int)
+    assert "owner" not in pending and "ticket" not in pending
+
+    claim = h.queue.claim()
+    assert isinstance(claim, Claim)
+    h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED,
+                                     response={"id": "x", "choices": []}, attempts=1), ttl=60)
+    completed = h.get(rid).json
+    assert completed["status"] == "completed" and completed["response"] == {"id": "x", "choices": []}
+
+    h.statuses.put(rid, status_entry(claim.job, Status.ERROR,
+                                     error={"message": "m", "type": "timeout", "attempts": 4}), ttl=60)
+    failed = h.get(rid).json
+    assert failed["status"] == "error"
+    assert failed["error"] == {"message": "m", "type": "timeout", "attempts": 4}
+
+
+def test_unknown_malformed_and_foreign_ids_are_not_found(h: Harness) -> None:
+    rid = h.submit(status=202).json["request_id"]
+    for request_id in ["chatreq_doesnotexist000000000", "a" * 200, "..%2F..%2Fetc", "x"]:
+        error = assert_error(h.get(request_id), 404, "request_not_found")
+        assert error["message"] == "Request not found"
+    assert_error(h.get(rid, key=OTHER_KEY), 404, "request_not_found")
+    assert h.get(rid).status_int == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"X-API-Key": "wrong-key-000000"},
+    {"Authorization": "Bearer wrong-key-000000"},
+    {"Authorization": API_KEY},
+    {"Authorization": "Basic " + API_KEY},
+])
+def test_missing_or_wrong_key_is_401(h: Harness, headers: dict[str, str]) -> None:
+    submit = h.app.post("/v1/chat/completions", json.dumps(body()), headers=headers, status="*")
+    assert_error(submit, 401, "authentication_error")
+    assert_error(h.app.get("/v1/chat/completions/chatreq_abcdefghijklmnop", headers=headers,
+                           status="*"), 401, "authentication_error")
+    assert h.queue.waiting() == 0
+
+
+def test_bearer_key_is_accepted(h: Harness) -> None:
+    reply = h.app.post("/v1/chat/completions", json.dumps(body()),
+                       headers={"Authorization": f"Bearer {API_KEY}"}, status="*")
+    assert reply.status_int == 202
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"{", b"[]", b'"text"', b"null", b'{"model": NaN}', b'{"x": 1e999}', b"[" * 3000,
+    b"\xff\xfe", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": ' + b"9" * 5000 + b"}",
+])
+def test_bodies_that_are_not_a_json_object_are_400(h: Harness, raw: bytes) -> None:
+    reply = h.submit(raw)
+    error = assert_error(reply, 400, "validation_error")
+    assert error["message"] == "Invalid request body"
+    assert error["details"] and all({"path", "message"} <= set(d) for d in error["details"])
+    assert h.queue.waiting() == 0
+
+
+def test_validation_reports_each_problem_with_its_path(h: Harness) -> None:
+    reply = h.submit({"model": "", "messages": [{"role": "robot", "content": 5}], "temperature": 9,
+                      "webhookUrl": "ftp://example.com"})
+    error = assert_error(reply, 400, "validation_error")
+    paths = sorted(d["path"] for d in error["details"])
+    assert paths == ["messages.0.content", "messages.0.role", "model", "temperature", "webhookUrl"]
+
+
+def test_body_over_the_limit_is_413(h: Harness) -> None:
+    reply = h.submit(body("x" * 20000))
+    assert_error(reply, 413, "request_too_large")
+    assert h.queue.waiting() == 0
+
+
+def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, max_queue=2)
+    harness.submit(status=202)
+    harness.submit(status=202)
+    reply = harness.submit()
+    assert_error(reply, 429, "queue_full")
+    assert int(reply.headers["Retry-After"]) > 0
+    assert harness.queue.waiting() == 2
+
+
+class BrokenQueue(PersistJobQueue):
+    """A real queue whose disk stops accepting writes (what a full disk looks like to us)."""
+
+    def put(self, job: Job) -> int:
+        raise StorageUnavailable("database or disk is full")
+
+
+def test_storage_failure_is_503_never_202(tmp_path: Path) -> None:
+    queue = BrokenQueue(tmp_path / "q")
+    statuses = DiskcacheStatusStore(tmp_path / "s")
+    app = TestApp(create_app(queue=queue, statuses=statuses, keys=KeyChecker([API_KEY]),
+                             settings=ApiSettings(max_body_bytes=4096, max_queue=10)))
+    reply = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY},
+                     status="*")
+    assert_error(reply, 503, "service_unavailable")
+    assert int(reply.headers["Retry-After"]) > 0
+    assert queue.waiting() == 0
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/nope", 404),
+    ("GET", "/v1/chat/completions", 405),
+    ("PUT", "/v1/chat/completions", 405),
+    ("DELETE", "/health", 405),
+])
+def test_route_errors_are_json(h: Harness, method: str, path: str, status: int) -> None:
+    reply = h.app.request(path, method=method, headers={"X-API-Key": API_KEY}, status="*")
+    assert reply.status_int == status
+    assert reply.content_type == "application/json"
+    assert set(reply.json["error"]) >= {"message", "type"}
+
+
+def test_unhandled_exception_is_json_500_with_headers(tmp_path: Path) -> None:
+    class Exploding(DiskcacheStatusStore):
+        def get(self, request_id: str) -> dict[str, Any] | None:
+            raise RuntimeError("boom")
+
+    queue, _ = open_storage(tmp_path)
+    app = TestApp(create_app(queue=queue, statuses=Exploding(tmp_path / "s2"),
+                             keys=KeyChecker([API_KEY]),
+                             settings=ApiSettings(max_body_bytes=4096, max_queue=10)))
+    reply = app.get("/v1/chat/completions/chatreq_abcdefghijklmnopqr",
+                    headers={"X-API-Key": API_KEY}, status="*")
+    assert_error(reply, 500, "internal_error")
+    assert "boom" not in reply.text and "Traceback" not in reply.text
+    assert reply.headers["X-Frame-Options"] == "SAMEORIGIN"
+
+
+def test_security_headers_on_success_and_error(h: Harness) -> None:
+    for reply in [h.app.get("/health"), h.app.get("/nope", status="*"), h.submit(b"{")]:
+        for name, value in SECURITY_HEADERS:
+            assert reply.headers[name] == value
+        assert "Server" not in reply.headers and "X-Powered-By" not in reply.headers
+
+
+def test_request_ids_are_unguessable(h: Harness) -> None:
+    ids = {h.submit(status=202).json["request_id"] for _ in range(50)}
+    assert len(ids) == 50
+    for request_id in ids:
+        token = request_id.removeprefix("chatreq_")
+        assert len(token) * 6 >= 128
