@@ -85,15 +85,19 @@ def backoff_delay(
     return delay * (1 - 0.25 * jitter)
 
 
-def _upstream_message(payload: Any, fallback: str) -> tuple[str, str | None]:
+def _upstream_error(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:
+    """The upstream's (message, code, type), from OpenAI's error shape when it used it."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
-        message = error.get("message")
-        code = error.get("code") or error.get("type")
-        return (str(message)[:_MAX_MESSAGE] if message else fallback), (str(code) if code else None)
+        message, code, kind = error.get("message"), error.get("code"), error.get("type")
+        return (
+            str(message)[:_MAX_MESSAGE] if message else fallback,
+            str(code) if code else None,
+            str(kind) if kind else None,
+        )
     if isinstance(error, str):
-        return error[:_MAX_MESSAGE], None
-    return fallback, None
+        return error[:_MAX_MESSAGE], None, None
+    return fallback, None, None
 
 
 def classify_response(status: int, payload: Any, headers: Any) -> Outcome:
@@ -105,14 +109,16 @@ def classify_response(status: int, payload: Any, headers: Any) -> Outcome:
                    "type": "upstream_error", "upstream_status": status},
             retryable=True,
         )
-    message, code = _upstream_message(payload, f"the upstream answered HTTP {status}")
+    message, code, kind = _upstream_error(payload, f"the upstream answered HTTP {status}")
     error: dict[str, Any] = {"message": message, "type": "upstream_error", "upstream_status": status}
     if code:
         error["code"] = code
     retry_after = parse_retry_after(headers)
     if status == 429:
         error["type"] = "rate_limited"
-        return Outcome(error=error, retryable=code != "insufficient_quota", retry_after=retry_after)
+        # Retrying cannot fix a quota that is used up.
+        exhausted = "insufficient_quota" in (code, kind)
+        return Outcome(error=error, retryable=not exhausted, retry_after=retry_after)
     retryable = status in (408, 409) or status >= 500
     return Outcome(error=error, retryable=retryable, retry_after=retry_after if retryable else None)
 

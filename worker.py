@@ -81,6 +81,7 @@ class Worker:
         settings: WorkerSettings,
         waker: Waker | None = None,
         sleep: Callable[[float], Any] = gevent.sleep,
+        poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -88,6 +89,7 @@ class Worker:
         self._settings = settings
         self._waker = waker
         self._sleep = sleep
+        self._poll_interval = poll_interval
         self._pool = gevent.pool.Pool(settings.max_concurrent)
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
@@ -119,7 +121,7 @@ class Worker:
     def _listen(self) -> None:
         assert self._waker is not None
         while not self._stopping.is_set():
-            if self._waker.wait(POLL_INTERVAL):
+            if self._waker.wait(self._poll_interval):
                 self._nudged.set()
 
     def _loop(self) -> None:
@@ -134,7 +136,7 @@ class Worker:
                 next_purge = now + PURGE_INTERVAL
                 self._maintain(self._statuses.purge_expired)
             if self._pool.full():
-                self._pool.wait_available(timeout=POLL_INTERVAL)
+                self._pool.wait_available(timeout=self._poll_interval)
                 continue
             self._nudged.clear()
             try:
@@ -144,7 +146,7 @@ class Worker:
                 self._stopping.wait(1.0)
                 continue
             if claim is None:
-                self._nudged.wait(POLL_INTERVAL)
+                self._nudged.wait(self._poll_interval)
                 continue
             self._pool.spawn(self._run_job, claim)
 

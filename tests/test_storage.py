@@ -1,0 +1,152 @@
+"""The storage seam's contract. A new back end subclasses these classes with its own fixture."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+
+from sqlite_storage import DiskcacheStatusStore, PersistJobQueue
+from storage import Job, JobQueue, StatusStore
+
+
+def job(n: int) -> Job:
+    return Job(request_id=f"chatreq_{n:020d}", body={"model": "m", "n": n}, owner="o")
+
+
+class JobQueueContract:
+    @pytest.fixture
+    def queue(self) -> Iterator[JobQueue]:
+        raise NotImplementedError
+
+    def test_fifo_claim_and_ack(self, queue: JobQueue) -> None:
+        tickets = [queue.put(job(i)) for i in range(3)]
+        assert queue.waiting() == 3 and queue.in_flight() == 0
+        first = queue.claim()
+        assert first is not None and first.job == job(0) and first.ticket == tickets[0]
+        assert queue.waiting() == 2 and queue.in_flight() == 1
+        queue.ack(first.ticket)
+        assert queue.in_flight() == 0
+        second = queue.claim()
+        assert second is not None and second.job == job(1)
+
+    def test_claim_on_empty_returns_none_at_once(self, queue: JobQueue) -> None:
+        started = time.monotonic()
+        assert queue.claim() is None
+        assert time.monotonic() - started < 1.0
+
+    def test_positions_are_one_based_among_waiting(self, queue: JobQueue) -> None:
+        tickets = [queue.put(job(i)) for i in range(4)]
+        assert [queue.position(t) for t in tickets] == [1, 2, 3, 4]
+        claim = queue.claim()
+        assert claim is not None
+        assert queue.position(claim.ticket) is None
+        assert [queue.position(t) for t in tickets[1:]] == [1, 2, 3]
+        assert queue.position(10_000) is None
+
+    def test_release_puts_a_job_back_at_its_place(self, queue: JobQueue) -> None:
+        for i in range(3):
+            queue.put(job(i))
+        claim = queue.claim()
+        assert claim is not None
+        queue.release(claim.ticket)
+        again = queue.claim()
+        assert again is not None and again.job == job(0)
+
+    def test_recover_makes_orphaned_claims_wait_again(self, queue: JobQueue) -> None:
+        queue.put(job(0))
+        queue.put(job(1))
+        assert queue.claim() is not None
+        assert queue.recover() == 1
+        assert queue.waiting() == 2 and queue.in_flight() == 0
+
+    def test_compact_drops_only_acked_jobs(self, queue: JobQueue) -> None:
+        for i in range(5):
+            queue.put(job(i))
+        for _ in range(3):
+            claim = queue.claim()
+            assert claim is not None
+            queue.ack(claim.ticket)
+        assert queue.compact() == 3
+        assert queue.waiting() == 2
+        assert queue.compact() == 0
+
+    def test_unicode_and_odd_values_round_trip(self, queue: JobQueue) -> None:
+        odd = Job(request_id="chatreq_odd0000000000000", owner="o",
+                  body={"messages": [{"content": "é漢字🙂\u0000\ud800"}], "big": 10**30, "f": 1e-300})
+        queue.put(odd)
+        claim = queue.claim()
+        assert claim is not None and claim.job == odd
+
+
+class TestPersistJobQueue(JobQueueContract):
+    @pytest.fixture
+    def queue(self, tmp_path: Path) -> Iterator[JobQueue]:
+        q = PersistJobQueue(tmp_path / "queue")
+        yield q
+        q.close()
+
+    def test_counts_are_shared_across_processes(self, tmp_path: Path) -> None:
+        producer = PersistJobQueue(tmp_path / "queue")
+        consumer = PersistJobQueue(tmp_path / "queue")
+        producer.put(job(0))
+        producer.put(job(1))
+        claim = consumer.claim()
+        assert claim is not None
+        assert producer.waiting() == 1 and producer.in_flight() == 1
+        assert producer.position(claim.ticket) is None
+        producer.close()
+        consumer.close()
+
+
+class StatusStoreContract:
+    @pytest.fixture
+    def store(self) -> Iterator[StatusStore]:
+        raise NotImplementedError
+
+    def test_create_only_if_absent(self, store: StatusStore) -> None:
+        assert store.create("a", {"status": "pending"})
+        store.put("a", {"status": "processing"})
+        assert not store.create("a", {"status": "pending"})
+        assert store.get("a") == {"status": "processing"}
+        assert store.get("missing") is None
+
+    def test_ttl_expires_entries_and_none_keeps_them(self, store: StatusStore) -> None:
+        store.put("keep", {"status": "pending"})
+        store.put("short", {"status": "completed"}, ttl=0.2)
+        assert store.get("short") == {"status": "completed"}
+        time.sleep(0.4)
+        assert store.get("short") is None
+        assert store.purge_expired() >= 0
+        assert store.get("keep") == {"status": "pending"}
+
+
+class TestDiskcacheStatusStore(StatusStoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[StatusStore]:
+        s = DiskcacheStatusStore(tmp_path / "status")
+        yield s
+        s.close()
+
+    def test_one_connection_for_all_greenlets(self, tmp_path: Path) -> None:
+        store = DiskcacheStatusStore(tmp_path / "status")
+        store.put("k", {"v": 1})
+
+        def read() -> object:
+            return store._cache._con  # noqa: SLF001 - the point of the test
+
+        greenlets = [gevent.spawn(read) for _ in range(50)]
+        gevent.joinall(greenlets)
+        assert len({id(g.value) for g in greenlets}) == 1
+        store.close()
+
+    def test_pending_entries_are_never_evicted(self, tmp_path: Path) -> None:
+        store = DiskcacheStatusStore(tmp_path / "status")
+        store._cache.reset("size_limit", 10_000)  # noqa: SLF001 - far below what is written
+        for i in range(100):
+            store.put(f"r{i}", {"status": "pending", "request": "x" * 1000})
+        assert all(store.get(f"r{i}") is not None for i in range(100))
+        store.close()
