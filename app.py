@@ -11,19 +11,19 @@ if __name__ == "__main__":  # the entry point patches before anything else is im
 
     monkey.patch_all()
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import logging
+import re
+import secrets
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-from bottle import Bottle, HTTPError, HTTPResponse, request, response  # noqa: E402
+from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from auth import KeyChecker, presented_key  # noqa: E402
-from http_errors import (  # noqa: E402
+from auth import KeyChecker, presented_key
+from http_errors import (
     SecureJSONMiddleware,
     StartResponse,
     WSGIApp,
@@ -31,8 +31,8 @@ from http_errors import (  # noqa: E402
     error_response,
     json_response,
 )
-from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms  # noqa: E402
-from validation import BodyError, parse_chat_completion  # noqa: E402
+from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
+from validation import BodyError, parse_chat_completion
 
 log = logging.getLogger("llm_proxy.api")
 
@@ -100,15 +100,23 @@ def create_app(
     def authenticate() -> str | HTTPResponse:
         owner = keys.owner(presented_key(request.headers))
         if owner is None:
-            return error_response(401, "Invalid or missing API key. Send it in the X-API-Key header "
-                                  "or as 'Authorization: Bearer <key>'.", "authentication_error",
-                                  headers={"WWW-Authenticate": 'Bearer realm="llm-proxy"'})
+            return error_response(
+                401,
+                "Invalid or missing API key. Send it in the X-API-Key header "
+                "or as 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                headers={"WWW-Authenticate": 'Bearer realm="llm-proxy"'},
+            )
         return owner
 
     def unavailable(exc: StorageUnavailable) -> HTTPResponse:
         log.error("storage unavailable: %s", exc)
-        return error_response(503, "The request could not be stored right now; retry shortly.",
-                              "service_unavailable", headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
+        return error_response(
+            503,
+            "The request could not be stored right now; retry shortly.",
+            "service_unavailable",
+            headers={"Retry-After": RETRY_AFTER_UNAVAILABLE},
+        )
 
     @api.get("/health")
     def health() -> dict[str, str]:
@@ -122,8 +130,9 @@ def create_app(
         try:
             body = parse_chat_completion(read_body(request.environ, settings.max_body_bytes))
         except BodyTooLarge:
-            return error_response(413, f"The request body exceeds {settings.max_body_bytes} bytes.",
-                                  "request_too_large")
+            return error_response(
+                413, f"The request body exceeds {settings.max_body_bytes} bytes.", "request_too_large"
+            )
         except BodyError as exc:
             return error_response(400, "Invalid request body", "validation_error", details=exc.details)
         request_id = new_request_id()
@@ -131,14 +140,23 @@ def create_app(
         try:
             if queue.waiting() >= settings.max_queue:
                 return error_response(
-                    429, f"The queue is full ({settings.max_queue} requests waiting); retry later.",
-                    "queue_full", headers={"Retry-After": RETRY_AFTER_QUEUE_FULL})
+                    429,
+                    f"The queue is full ({settings.max_queue} requests waiting); retry later.",
+                    "queue_full",
+                    headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
+                )
             ticket = queue.put(job)
         except StorageUnavailable as exc:
             return unavailable(exc)
         # Stored only if the worker has not already written a newer status for this id.
-        pending = {"status": Status.PENDING.value, "request": body, "owner": owner,
-                   "timestamp": now_ms(), "ticket": ticket, "attempts": 0}
+        pending = {
+            "status": Status.PENDING.value,
+            "request": body,
+            "owner": owner,
+            "timestamp": now_ms(),
+            "ticket": ticket,
+            "attempts": 0,
+        }
         try:
             statuses.create(request_id, pending)
         except StorageUnavailable as exc:
@@ -150,12 +168,16 @@ def create_app(
             active = queue.in_flight()
         except StorageUnavailable:
             position, active = 0, 0
-        return json_response(202, {
-            "request_id": request_id,
-            "status": Status.PENDING.value,
-            "queue_position": position,
-            "active_requests": active,
-        }, headers={"Location": f"/v1/chat/completions/{request_id}"})
+        return json_response(
+            202,
+            {
+                "request_id": request_id,
+                "status": Status.PENDING.value,
+                "queue_position": position,
+                "active_requests": active,
+            },
+            headers={"Location": f"/v1/chat/completions/{request_id}"},
+        )
 
     @api.get("/v1/chat/completions/<request_id:path>")
     def status(request_id: str) -> HTTPResponse:
@@ -171,7 +193,7 @@ def create_app(
             return unavailable(exc)
         if entry is None or entry.get("owner") != owner:
             return not_found
-        body = {"request_id": request_id}
+        body: dict[str, Any] = {"request_id": request_id}
         body.update({k: entry[k] for k in _PUBLIC_FIELDS if k in entry})
         if entry["status"] == Status.PENDING.value:
             try:
@@ -189,7 +211,7 @@ def create_app(
         response.content_type = "application/json"
         return json.dumps(payload)
 
-    api.default_error_handler = error_page  # type: ignore[assignment]
+    api.default_error_handler = error_page
     return SecureJSONMiddleware(api)
 
 

@@ -40,8 +40,9 @@ _REASONS = {
 }
 
 
-def error_payload(status: int, message: str | None = None, kind: str | None = None,
-                  **extra: Any) -> dict[str, Any]:
+def error_payload(
+    status: int, message: str | None = None, kind: str | None = None, **extra: Any
+) -> dict[str, Any]:
     default_message, default_kind = _REASONS.get(
         status, ("Request failed", "invalid_request_error" if status < 500 else "internal_error")
     )
@@ -58,8 +59,13 @@ def json_response(status: int, payload: Any, headers: dict[str, str] | None = No
     return response
 
 
-def error_response(status: int, message: str | None = None, kind: str | None = None,
-                   headers: dict[str, str] | None = None, **extra: Any) -> HTTPResponse:
+def error_response(
+    status: int,
+    message: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> HTTPResponse:
     return json_response(status, error_payload(status, message, kind, **extra), headers)
 
 
@@ -82,10 +88,13 @@ class SecureJSONMiddleware:
         try:
             return self.app(environ, secured)
         except Exception:
-            log.exception("unhandled error for %s %s", environ.get("REQUEST_METHOD"),
-                          environ.get("PATH_INFO"))
+            log.exception(
+                "unhandled error for %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+            )
             body = json.dumps(error_payload(500)).encode()
-            secured("500 Internal Server Error", [
-                ("Content-Type", "application/json"), ("Content-Length", str(len(body)))
-            ], sys.exc_info())
+            secured(
+                "500 Internal Server Error",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                sys.exc_info(),
+            )
             return [body]

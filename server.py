@@ -101,8 +101,7 @@ def run_web() -> int:
     server.start()
     if supervisor is not None:
         supervisor.start()
-    log.info("listening on %s:%d (embedded worker: %s)", host, config.port,
-             "yes" if supervisor else "no")
+    log.info("listening on %s:%d (embedded worker: %s)", host, config.port, "yes" if supervisor else "no")
     stop.wait()
     log.info("shutting down")
     server.stop(timeout=HTTP_DRAIN_SECONDS)

@@ -49,9 +49,7 @@ class PersistJobQueue(JobQueue):
             )
             self._reader = sqlite3.connect(str(directory / "data.db"), timeout=timeout)
             # Counting waiting rows and finding a row's place stay index lookups under a deep backlog.
-            self._reader.execute(
-                f"CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id)"
-            )
+            self._reader.execute(f"CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id)")
             self._reader.commit()
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc

@@ -55,8 +55,10 @@ class WorkerSupervisor:
                 return
             if code == EXIT_LOCKED:
                 if not told_locked:
-                    log.warning("another worker runs on this DATA_DIR; checking again every %.0f s",
-                                self._locked_retry_delay)
+                    log.warning(
+                        "another worker runs on this DATA_DIR; checking again every %.0f s",
+                        self._locked_retry_delay,
+                    )
                     told_locked = True
                 gevent.sleep(self._locked_retry_delay)
                 continue

@@ -81,8 +81,8 @@ def backoff_delay(
     delay = min(base * (2 ** (attempt - 1)), cap)
     if retry_after is not None:
         delay = max(delay, min(cap, RETRY_AFTER_CEILING))
-    jitter = (rand or random).random()
-    return delay * (1 - 0.25 * jitter)
+    jitter: float = (rand or random).random()
+    return float(delay * (1 - 0.25 * jitter))
 
 
 def _upstream_error(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:
@@ -105,8 +105,11 @@ def classify_response(status: int, payload: Any, headers: Any) -> Outcome:
         if isinstance(payload, dict):
             return Outcome(response=payload)
         return Outcome(
-            error={"message": "the upstream answered with a body that is not a JSON object",
-                   "type": "upstream_error", "upstream_status": status},
+            error={
+                "message": "the upstream answered with a body that is not a JSON object",
+                "type": "upstream_error",
+                "upstream_status": status,
+            },
             retryable=True,
         )
     message, code, kind = _upstream_error(payload, f"the upstream answered HTTP {status}")
@@ -174,8 +177,10 @@ class UpstreamClient:
             # The exception text can carry the URL; the class name says enough.
             log.warning("upstream call failed: %s", type(exc).__name__)
             return Outcome(
-                error={"message": f"could not reach the upstream ({type(exc).__name__})",
-                       "type": "network_error"},
+                error={
+                    "message": f"could not reach the upstream ({type(exc).__name__})",
+                    "type": "network_error",
+                },
                 retryable=True,
             )
         finally:

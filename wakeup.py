@@ -8,6 +8,7 @@ latency, never a job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,11 +36,9 @@ class WakeupSender:
     def notify(self) -> None:
         if self._sock is None:
             return
-        try:
+        # No worker listening yet, or its buffer full of earlier nudges: both are fine.
+        with contextlib.suppress(OSError):
             self._sock.sendto(b"!", self._address)
-        except OSError:
-            # No worker listening yet, or its buffer is full of earlier nudges: both are fine.
-            pass
 
     def close(self) -> None:
         if self._sock is not None:

@@ -11,24 +11,24 @@ if __name__ == "__main__":  # the entry point patches before anything else is im
 
     monkey.patch_all()
 
-import fcntl  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import IO, Any, Protocol  # noqa: E402
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
 
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-import gevent.pool  # noqa: E402
+import gevent
+import gevent.event
+import gevent.pool
 
-from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms  # noqa: E402
-from supervisor import EXIT_LOCKED  # noqa: E402
-from upstream import Outcome, backoff_delay  # noqa: E402
+from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
+from supervisor import EXIT_LOCKED
+from upstream import Outcome, backoff_delay
 
 log = logging.getLogger("llm_proxy.worker")
 
@@ -103,7 +103,7 @@ class Worker:
         self._nudged.set()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
+        return bool(self._stopped.wait(timeout))
 
     def run(self) -> None:
         listener = gevent.spawn(self._listen) if self._waker is not None else None
@@ -119,7 +119,8 @@ class Worker:
             self._stopped.set()
 
     def _listen(self) -> None:
-        assert self._waker is not None
+        if self._waker is None:
+            return
         while not self._stopping.is_set():
             if self._waker.wait(self._poll_interval):
                 self._nudged.set()
@@ -176,15 +177,18 @@ class Worker:
         except StorageUnavailable as exc:
             # The job stays claimed (unacked) and is handed out again when the worker restarts;
             # retrying here would only spin against a broken disk.
-            log.error("request %s: storage failed, it will be retried on restart: %s",
-                      job.request_id, exc)
+            log.error("request %s: storage failed, it will be retried on restart: %s", job.request_id, exc)
         except Exception:
             log.exception("request %s: unexpected failure", job.request_id)
-            self._finish(claim, Status.ERROR, error={
-                "message": "the proxy failed while processing the request",
-                "type": "internal_error",
-                "attempts": self._attempts_of(job),
-            })
+            self._finish(
+                claim,
+                Status.ERROR,
+                error={
+                    "message": "the proxy failed while processing the request",
+                    "type": "internal_error",
+                    "attempts": self._attempts_of(job),
+                },
+            )
 
     def _attempts_of(self, job: Job) -> int:
         entry = self._statuses.get(job.request_id)
@@ -201,11 +205,15 @@ class Worker:
         allowed = 1 + self._settings.max_retries
         if attempts >= allowed:
             # Every earlier attempt was cut short by a dying worker: stop instead of looping.
-            self._finish(claim, Status.ERROR, error={
-                "message": f"the request was interrupted {attempts} time(s) by a worker crash",
-                "type": "interrupted",
-                "attempts": attempts,
-            })
+            self._finish(
+                claim,
+                Status.ERROR,
+                error={
+                    "message": f"the request was interrupted {attempts} time(s) by a worker crash",
+                    "type": "interrupted",
+                    "attempts": attempts,
+                },
+            )
             return
         while True:
             attempts += 1
@@ -215,9 +223,7 @@ class Worker:
                 outcome = self._upstream.complete(job.body)
             except _GracefulStop:
                 # A call cut short by shutdown does not count against the request.
-                self._statuses.put(
-                    job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1)
-                )
+                self._statuses.put(job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1))
                 raise
             if outcome.ok:
                 self._finish(claim, Status.COMPLETED, response=outcome.response, attempts=attempts)
@@ -231,15 +237,18 @@ class Worker:
                 cap=self._settings.retry_max_delay,
                 retry_after=outcome.retry_after,
             )
-            log.info("request %s: attempt %d failed (%s), retrying in %.2f s",
-                     job.request_id, attempts, outcome.error.get("type"), delay)
+            log.info(
+                "request %s: attempt %d failed (%s), retrying in %.2f s",
+                job.request_id,
+                attempts,
+                outcome.error.get("type"),
+                delay,
+            )
             self._sleep(delay)
 
     def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
         job = claim.job
-        self._statuses.put(
-            job.request_id, status_entry(job, status, **fields), ttl=self._settings.result_ttl
-        )
+        self._statuses.put(job.request_id, status_entry(job, status, **fields), ttl=self._settings.result_ttl)
         self._queue.ack(claim.ticket)
         log.info("request %s: %s", job.request_id, status.value)
 
@@ -248,12 +257,12 @@ class Worker:
         try:
             entry = self._statuses.get(job.request_id) or {}
             if entry.get("status") != Status.PENDING.value:
-                self._statuses.put(job.request_id, status_entry(
-                    job, Status.PENDING, attempts=int(entry.get("attempts", 0))))
+                self._statuses.put(
+                    job.request_id, status_entry(job, Status.PENDING, attempts=int(entry.get("attempts", 0)))
+                )
             self._queue.release(claim.ticket)
         except StorageUnavailable as exc:
-            log.error("request %s: could not put it back; it resumes on restart: %s",
-                      job.request_id, exc)
+            log.error("request %s: could not put it back; it resumes on restart: %s", job.request_id, exc)
 
 
 # -- the process ------------------------------------------------------------------------------
@@ -331,8 +340,9 @@ def main() -> int:
     parent = os.environ.get("LLM_PROXY_SUPERVISOR_PID")
     if parent and parent.isdigit():
         gevent.spawn(_watch_parent, int(parent), worker)
-    log.info("worker started: MAX_CONCURRENT=%d, upstream %s",
-             config.max_concurrent, config.openai_api_base_url)
+    log.info(
+        "worker started: MAX_CONCURRENT=%d, upstream %s", config.max_concurrent, config.openai_api_base_url
+    )
     try:
         worker.run()
     finally:

@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
@@ -107,8 +108,9 @@ class Service:
         if command[0] == "python":
             command[0] = sys.executable
         with open(self.log_path, "ab") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
         if kind == "web":
             self.process = process
             if wait:
@@ -130,12 +132,14 @@ class Service:
         return {"X-API-Key": key}
 
     def submit(self, body: dict[str, Any], key: str = API_KEY) -> requests.Response:
-        return requests.post(self.url + "/v1/chat/completions", json=body,
-                             headers=self.headers(key), timeout=10)
+        return requests.post(
+            self.url + "/v1/chat/completions", json=body, headers=self.headers(key), timeout=10
+        )
 
     def status(self, request_id: str, key: str = API_KEY) -> requests.Response:
-        return requests.get(f"{self.url}/v1/chat/completions/{request_id}",
-                            headers=self.headers(key), timeout=10)
+        return requests.get(
+            f"{self.url}/v1/chat/completions/{request_id}", headers=self.headers(key), timeout=10
+        )
 
     def wait_final(self, request_id: str, timeout: float = 20.0) -> dict[str, Any]:
         def final() -> dict[str, Any] | None:
@@ -153,10 +157,8 @@ class Service:
         code = None
         for process in [p for p in [self.process, *self.extra] if p is not None]:
             if process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    pass
             try:
                 code = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -189,8 +191,12 @@ def make_service(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Callab
             **env,
         }
         full_env = {k: v for k, v in full_env.items() if v != ""}
-        service = Service(port=int(full_env["PORT"]), data_dir=data_dir, env=full_env,
-                          log_path=tmp_path / f"service{len(services)}.log")
+        service = Service(
+            port=int(full_env["PORT"]),
+            data_dir=data_dir,
+            env=full_env,
+            log_path=tmp_path / f"service{len(services)}.log",
+        )
         services.append(service)
         if start:
             service.start()

@@ -13,6 +13,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -90,38 +91,59 @@ class FakeUpstream:
                 headers["Retry-After"] = str(fake["retry_after"])
             if attempt <= int(fake.get("fail_times", 0)):
                 status = int(fake.get("fail_status", 500))
-                error = {"message": f"induced failure {attempt}", "type": "server_error",
-                         "code": fake.get("error_code")}
+                error = {
+                    "message": f"induced failure {attempt}",
+                    "type": "server_error",
+                    "code": fake.get("error_code"),
+                }
                 return self._json(start_response, status, {"error": error}, headers)
             if "status" in fake:
                 status = int(fake["status"])
-                error = {"message": f"induced status {status}", "type": "invalid_request_error",
-                         "code": fake.get("error_code")}
+                error = {
+                    "message": f"induced status {status}",
+                    "type": "invalid_request_error",
+                    "code": fake.get("error_code"),
+                }
                 return self._json(start_response, status, {"error": error}, headers)
             if fake.get("garbage"):
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"not json"]
             messages = body.get("messages") or [{}]
             content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
-            return self._json(start_response, 200, {
-                "id": f"chatcmpl-{self.calls}",
-                "object": "chat.completion",
-                "created": int(arrived),
-                "model": body.get("model"),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"echo: {content}"}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            })
+            return self._json(
+                start_response,
+                200,
+                {
+                    "id": f"chatcmpl-{self.calls}",
+                    "object": "chat.completion",
+                    "created": int(arrived),
+                    "model": body.get("model"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": f"echo: {content}"},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
         finally:
             self.inflight -= 1
 
     @staticmethod
-    def _json(start_response: Any, status: int, payload: Any,
-              headers: dict[str, str] | None = None) -> list[bytes]:
+    def _json(
+        start_response: Any, status: int, payload: Any, headers: dict[str, str] | None = None
+    ) -> list[bytes]:
         data = json.dumps(payload).encode()
-        start_response(f"{status} X", [("Content-Type", "application/json"),
-                                       ("Content-Length", str(len(data))),
-                                       *(headers or {}).items()])
+        start_response(
+            f"{status} X",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                *(headers or {}).items(),
+            ],
+        )
         return [data]
 
 
@@ -138,10 +160,8 @@ def main() -> None:
     server = WSGIServer(listener, FakeUpstream(args.delay), log=None)
     server.start()
     print(f"PORT {listener.getsockname()[1]}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     sys.exit(0)
 
 

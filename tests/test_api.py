@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, body
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from webtest import TestApp
 
 from app import ApiSettings, create_app
 from auth import KeyChecker
+from conftest import API_KEY, body
 from http_errors import SECURITY_HEADERS
 from sqlite_storage import DiskcacheStatusStore, PersistJobQueue, open_storage
 from storage import Claim, Job, Status, StorageUnavailable
@@ -25,25 +28,32 @@ class Harness:
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.queue, self.statuses = open_storage(tmp_path / "data")
         self.nudges = 0
-        self.app = TestApp(create_app(
-            queue=self.queue,
-            statuses=self.statuses,
-            keys=KeyChecker([API_KEY, OTHER_KEY]),
-            settings=ApiSettings(**{"max_body_bytes": 16384, "max_queue": 100, **settings}),
-            notify=self.nudge,
-        ))
+        self.app = TestApp(
+            create_app(
+                queue=self.queue,
+                statuses=self.statuses,
+                keys=KeyChecker([API_KEY, OTHER_KEY]),
+                settings=ApiSettings(**{"max_body_bytes": 16384, "max_queue": 100, **settings}),
+                notify=self.nudge,
+            )
+        )
 
     def nudge(self) -> None:
         self.nudges += 1
 
     def submit(self, payload: Any = None, key: str = API_KEY, status: int | str = "*", **kw: Any) -> Any:
         data = payload if isinstance(payload, bytes) else json.dumps(body() if payload is None else payload)
-        return self.app.post("/v1/chat/completions", data, headers={"X-API-Key": key},
-                             content_type="application/json", status=status, **kw)
+        return self.app.post(
+            "/v1/chat/completions",
+            data,
+            headers={"X-API-Key": key},
+            content_type="application/json",
+            status=status,
+            **kw,
+        )
 
     def get(self, request_id: str, key: str = API_KEY) -> Any:
-        return self.app.get(f"/v1/chat/completions/{request_id}", headers={"X-API-Key": key},
-                            status="*")
+        return self.app.get(f"/v1/chat/completions/{request_id}", headers={"X-API-Key": key}, status="*")
 
 
 @pytest.fixture
@@ -109,13 +119,19 @@ def test_status_shapes_for_each_state(h: Harness) -> None:
 
     claim = h.queue.claim()
     assert isinstance(claim, Claim)
-    h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED,
-                                     response={"id": "x", "choices": []}, attempts=1), ttl=60)
+    h.statuses.put(
+        rid,
+        status_entry(claim.job, Status.COMPLETED, response={"id": "x", "choices": []}, attempts=1),
+        ttl=60,
+    )
     completed = h.get(rid).json
     assert completed["status"] == "completed" and completed["response"] == {"id": "x", "choices": []}
 
-    h.statuses.put(rid, status_entry(claim.job, Status.ERROR,
-                                     error={"message": "m", "type": "timeout", "attempts": 4}), ttl=60)
+    h.statuses.put(
+        rid,
+        status_entry(claim.job, Status.ERROR, error={"message": "m", "type": "timeout", "attempts": 4}),
+        ttl=60,
+    )
     failed = h.get(rid).json
     assert failed["status"] == "error"
     assert failed["error"] == {"message": "m", "type": "timeout", "attempts": 4}
@@ -130,31 +146,49 @@ def test_unknown_malformed_and_foreign_ids_are_not_found(h: Harness) -> None:
     assert h.get(rid).status_int == 200
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"X-API-Key": "wrong-key-000000"},
-    {"Authorization": "Bearer wrong-key-000000"},
-    {"Authorization": API_KEY},
-    {"Authorization": "Basic " + API_KEY},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-API-Key": "wrong-key-000000"},
+        {"Authorization": "Bearer wrong-key-000000"},
+        {"Authorization": API_KEY},
+        {"Authorization": "Basic " + API_KEY},
+    ],
+)
 def test_missing_or_wrong_key_is_401(h: Harness, headers: dict[str, str]) -> None:
     submit = h.app.post("/v1/chat/completions", json.dumps(body()), headers=headers, status="*")
     assert_error(submit, 401, "authentication_error")
-    assert_error(h.app.get("/v1/chat/completions/chatreq_abcdefghijklmnop", headers=headers,
-                           status="*"), 401, "authentication_error")
+    assert_error(
+        h.app.get("/v1/chat/completions/chatreq_abcdefghijklmnop", headers=headers, status="*"),
+        401,
+        "authentication_error",
+    )
     assert h.queue.waiting() == 0
 
 
 def test_bearer_key_is_accepted(h: Harness) -> None:
-    reply = h.app.post("/v1/chat/completions", json.dumps(body()),
-                       headers={"Authorization": f"Bearer {API_KEY}"}, status="*")
+    reply = h.app.post(
+        "/v1/chat/completions", json.dumps(body()), headers={"Authorization": f"Bearer {API_KEY}"}, status="*"
+    )
     assert reply.status_int == 202
 
 
-@pytest.mark.parametrize("raw", [
-    b"", b"{", b"[]", b'"text"', b"null", b'{"model": NaN}', b'{"x": 1e999}', b"[" * 3000,
-    b"\xff\xfe", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": ' + b"9" * 5000 + b"}",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'"text"',
+        b"null",
+        b'{"model": NaN}',
+        b'{"x": 1e999}',
+        b"[" * 3000,
+        b"\xff\xfe",
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": ' + b"9" * 5000 + b"}",
+    ],
+)
 def test_bodies_that_are_not_a_json_object_are_400(h: Harness, raw: bytes) -> None:
     reply = h.submit(raw)
     error = assert_error(reply, 400, "validation_error")
@@ -164,8 +198,14 @@ def test_bodies_that_are_not_a_json_object_are_400(h: Harness, raw: bytes) -> No
 
 
 def test_validation_reports_each_problem_with_its_path(h: Harness) -> None:
-    reply = h.submit({"model": "", "messages": [{"role": "robot", "content": 5}], "temperature": 9,
-                      "webhookUrl": "ftp://example.com"})
+    reply = h.submit(
+        {
+            "model": "",
+            "messages": [{"role": "robot", "content": 5}],
+            "temperature": 9,
+            "webhookUrl": "ftp://example.com",
+        }
+    )
     error = assert_error(reply, 400, "validation_error")
     paths = sorted(d["path"] for d in error["details"])
     assert paths == ["messages.0.content", "messages.0.role", "model", "temperature", "webhookUrl"]
@@ -197,21 +237,29 @@ class BrokenQueue(PersistJobQueue):
 def test_storage_failure_is_503_never_202(tmp_path: Path) -> None:
     queue = BrokenQueue(tmp_path / "q")
     statuses = DiskcacheStatusStore(tmp_path / "s")
-    app = TestApp(create_app(queue=queue, statuses=statuses, keys=KeyChecker([API_KEY]),
-                             settings=ApiSettings(max_body_bytes=4096, max_queue=10)))
-    reply = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY},
-                     status="*")
+    app = TestApp(
+        create_app(
+            queue=queue,
+            statuses=statuses,
+            keys=KeyChecker([API_KEY]),
+            settings=ApiSettings(max_body_bytes=4096, max_queue=10),
+        )
+    )
+    reply = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}, status="*")
     assert_error(reply, 503, "service_unavailable")
     assert int(reply.headers["Retry-After"]) > 0
     assert queue.waiting() == 0
 
 
-@pytest.mark.parametrize("method,path,status", [
-    ("GET", "/nope", 404),
-    ("GET", "/v1/chat/completions", 405),
-    ("PUT", "/v1/chat/completions", 405),
-    ("DELETE", "/health", 405),
-])
+@pytest.mark.parametrize(
+    "method,path,status",
+    [
+        ("GET", "/nope", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("PUT", "/v1/chat/completions", 405),
+        ("DELETE", "/health", 405),
+    ],
+)
 def test_route_errors_are_json(h: Harness, method: str, path: str, status: int) -> None:
     reply = h.app.request(path, method=method, headers={"X-API-Key": API_KEY}, status="*")
     assert reply.status_int == status
@@ -225,11 +273,17 @@ def test_unhandled_exception_is_json_500_with_headers(tmp_path: Path) -> None:
             raise RuntimeError("boom")
 
     queue, _ = open_storage(tmp_path)
-    app = TestApp(create_app(queue=queue, statuses=Exploding(tmp_path / "s2"),
-                             keys=KeyChecker([API_KEY]),
-                             settings=ApiSettings(max_body_bytes=4096, max_queue=10)))
-    reply = app.get("/v1/chat/completions/chatreq_abcdefghijklmnopqr",
-                    headers={"X-API-Key": API_KEY}, status="*")
+    app = TestApp(
+        create_app(
+            queue=queue,
+            statuses=Exploding(tmp_path / "s2"),
+            keys=KeyChecker([API_KEY]),
+            settings=ApiSettings(max_body_bytes=4096, max_queue=10),
+        )
+    )
+    reply = app.get(
+        "/v1/chat/completions/chatreq_abcdefghijklmnopqr", headers={"X-API-Key": API_KEY}, status="*"
+    )
     assert_error(reply, 500, "internal_error")
     assert "boom" not in reply.text and "Traceback" not in reply.text
     assert reply.headers["X-Frame-Options"] == "SAMEORIGIN"
@@ -248,3 +302,17 @@ def test_request_ids_are_unguessable(h: Harness) -> None:
     for request_id in ids:
         token = request_id.removeprefix("chatreq_")
         assert len(token) * 6 >= 128
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=st.binary(max_size=400) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_arbitrary_bodies_get_a_json_4xx_and_store_nothing(raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        harness = Harness(Path(tmp))
+        reply = harness.submit(raw)
+        if reply.status_int != 202:
+            assert 400 <= reply.status_int < 500
+            assert reply.json["error"]["type"] == "validation_error"
+            assert harness.queue.waiting() == 0
+        harness.queue.close()
+        harness.statuses.close()

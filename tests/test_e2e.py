@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
+
 from conftest import API_KEY, ROOT, FakeUpstream, Service, body, procfile_command, wait_until
 
 MakeService = Callable[..., Service]
@@ -21,8 +22,14 @@ def test_request_completes_and_upstream_sees_only_its_own_key(
 ) -> None:
     service = make_service()
     fake_upstream.reset()
-    sent = body("capital of France?", webhookUrl="https://example.com/hook", stream=True,
-                stream_options={"include_usage": True}, seed=7, x_fake={"key": "e2e-basic"})
+    sent = body(
+        "capital of France?",
+        webhookUrl="https://example.com/hook",
+        stream=True,
+        stream_options={"include_usage": True},
+        seed=7,
+        x_fake={"key": "e2e-basic"},
+    )
     reply = service.submit(sent)
     assert reply.status_code == 202
     accepted = reply.json()
@@ -80,8 +87,9 @@ def test_transient_failures_are_retried_and_permanent_ones_are_not(
     flaky = service.submit(body(x_fake={"key": "flaky", "fail_times": 2, "fail_status": 503})).json()
     bad = service.submit(body(x_fake={"key": "bad", "status": 400})).json()
     down = service.submit(body(x_fake={"key": "down", "fail_times": 99, "fail_status": 500})).json()
-    quota = service.submit(body(x_fake={"key": "quota", "status": 429,
-                                        "error_code": "insufficient_quota"})).json()
+    quota = service.submit(
+        body(x_fake={"key": "quota", "status": 429, "error_code": "insufficient_quota"})
+    ).json()
 
     done = service.wait_final(flaky["request_id"])
     assert done["status"] == "completed" and done["attempts"] == 3
@@ -111,8 +119,9 @@ def test_each_key_sees_only_its_own_requests(make_service: MakeService) -> None:
     assert service.status(theirs, key=other).status_code == 200
     assert service.status(mine, key=other).status_code == 404
     assert service.status(theirs).json()["error"]["type"] == "request_not_found"
-    bearer = requests.get(f"{service.url}/v1/chat/completions/{theirs}",
-                          headers={"Authorization": f"Bearer {other}"}, timeout=5)
+    bearer = requests.get(
+        f"{service.url}/v1/chat/completions/{theirs}", headers={"Authorization": f"Bearer {other}"}, timeout=5
+    )
     assert bearer.status_code == 200
 
 
@@ -128,7 +137,7 @@ def test_without_api_key_a_generated_key_is_required_and_kept(make_service: Make
     first_log = service.log()
     service.start()
     assert (service.data_dir / "api_key").read_text().strip() == key
-    assert service.log()[len(first_log):].count(key) == 0
+    assert service.log()[len(first_log) :].count(key) == 0
     assert service.submit(body(), key=key).status_code == 202
 
 
@@ -145,7 +154,11 @@ def test_a_second_worker_on_the_same_data_dir_refuses_to_start(make_service: Mak
     service = make_service()
     wait_until(service.worker_pids, timeout=10)
     second = subprocess.run(
-        [sys.executable, "worker.py"], cwd=ROOT, env=service.env, capture_output=True, text=True,
+        [sys.executable, "worker.py"],
+        cwd=ROOT,
+        env=service.env,
+        capture_output=True,
+        text=True,
         timeout=30,
     )
     assert second.returncode == 3
@@ -209,8 +222,7 @@ def _json_errors(service: Service) -> list[tuple[int, Any]]:
         ("DELETE", "/health", None),
         ("POST", "/v1/chat/completions", b"{"),
     ]:
-        reply = requests.request(method, service.url + path, data=data,
-                                 headers=service.headers(), timeout=5)
+        reply = requests.request(method, service.url + path, data=data, headers=service.headers(), timeout=5)
         out.append((reply.status_code, reply.json()))
     return out
 
@@ -221,14 +233,19 @@ def test_live_errors_are_json_with_security_headers(make_service: MakeService) -
     reply = requests.get(service.url + "/nowhere", timeout=5)
     assert reply.headers["X-Content-Type-Options"] == "nosniff"
     assert "Server" not in reply.headers
-    big = requests.post(service.url + "/v1/chat/completions", headers=service.headers(),
-                        data=b"x" * (1024 * 1024 + 10), timeout=10)
+    big = requests.post(
+        service.url + "/v1/chat/completions",
+        headers=service.headers(),
+        data=b"x" * (1024 * 1024 + 10),
+        timeout=10,
+    )
     assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
 
     def chunks() -> Any:
         for _ in range(40):
             yield b"y" * 32768
 
-    chunked = requests.post(service.url + "/v1/chat/completions", headers=service.headers(),
-                            data=chunks(), timeout=10)
+    chunked = requests.post(
+        service.url + "/v1/chat/completions", headers=service.headers(), data=chunks(), timeout=10
+    )
     assert chunked.status_code == 413

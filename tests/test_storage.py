@@ -75,8 +75,11 @@ class JobQueueContract:
         assert queue.compact() == 0
 
     def test_unicode_and_odd_values_round_trip(self, queue: JobQueue) -> None:
-        odd = Job(request_id="chatreq_odd0000000000000", owner="o",
-                  body={"messages": [{"content": "é漢字🙂\u0000\ud800"}], "big": 10**30, "f": 1e-300})
+        odd = Job(
+            request_id="chatreq_odd0000000000000",
+            owner="o",
+            body={"messages": [{"content": "é漢字🙂\u0000\ud800"}], "big": 10**30, "f": 1e-300},
+        )
         queue.put(odd)
         claim = queue.claim()
         assert claim is not None and claim.job == odd
@@ -136,7 +139,7 @@ class TestDiskcacheStatusStore(StatusStoreContract):
         store.put("k", {"v": 1})
 
         def read() -> object:
-            return store._cache._con  # noqa: SLF001 - the point of the test
+            return store._cache._con
 
         greenlets = [gevent.spawn(read) for _ in range(50)]
         gevent.joinall(greenlets)
@@ -145,7 +148,7 @@ class TestDiskcacheStatusStore(StatusStoreContract):
 
     def test_pending_entries_are_never_evicted(self, tmp_path: Path) -> None:
         store = DiskcacheStatusStore(tmp_path / "status")
-        store._cache.reset("size_limit", 10_000)  # noqa: SLF001 - far below what is written
+        store._cache.reset("size_limit", 10_000)
         for i in range(100):
             store.put(f"r{i}", {"status": "pending", "request": "x" * 1000})
         assert all(store.get(f"r{i}") is not None for i in range(100))

@@ -8,8 +8,8 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
-from conftest import FakeUpstream, body, free_port
 
+from conftest import FakeUpstream, body, free_port
 from upstream import (
     RETRY_AFTER_CEILING,
     UpstreamClient,
@@ -30,20 +30,24 @@ def test_success_returns_the_upstream_json(fake_upstream: FakeUpstream) -> None:
     assert outcome.response["choices"][0]["message"]["content"] == "echo: ping"
 
 
-@pytest.mark.parametrize("fake,kind,retryable,status", [
-    ({"status": 400}, "upstream_error", False, 400),
-    ({"status": 401}, "upstream_error", False, 401),
-    ({"status": 404}, "upstream_error", False, 404),
-    ({"status": 408}, "upstream_error", True, 408),
-    ({"status": 409}, "upstream_error", True, 409),
-    ({"status": 429}, "rate_limited", True, 429),
-    ({"status": 429, "error_code": "insufficient_quota"}, "rate_limited", False, 429),
-    ({"status": 500}, "upstream_error", True, 500),
-    ({"status": 503}, "upstream_error", True, 503),
-    ({"garbage": True}, "upstream_error", True, 200),
-])
-def test_failures_are_classified(fake_upstream: FakeUpstream, fake: dict[str, Any], kind: str,
-                                 retryable: bool, status: int) -> None:
+@pytest.mark.parametrize(
+    "fake,kind,retryable,status",
+    [
+        ({"status": 400}, "upstream_error", False, 400),
+        ({"status": 401}, "upstream_error", False, 401),
+        ({"status": 404}, "upstream_error", False, 404),
+        ({"status": 408}, "upstream_error", True, 408),
+        ({"status": 409}, "upstream_error", True, 409),
+        ({"status": 429}, "rate_limited", True, 429),
+        ({"status": 429, "error_code": "insufficient_quota"}, "rate_limited", False, 429),
+        ({"status": 500}, "upstream_error", True, 500),
+        ({"status": 503}, "upstream_error", True, 503),
+        ({"garbage": True}, "upstream_error", True, 200),
+    ],
+)
+def test_failures_are_classified(
+    fake_upstream: FakeUpstream, fake: dict[str, Any], kind: str, retryable: bool, status: int
+) -> None:
     outcome = client(fake_upstream.base_url).complete(body(x_fake=fake))
     assert not outcome.ok
     assert outcome.error["type"] == kind
@@ -77,8 +81,9 @@ def test_total_deadline_holds_against_a_trickling_server() -> None:
 
 
 def test_forwarded_body_drops_proxy_and_stream_fields() -> None:
-    sent = body(webhookUrl="https://h.example/", stream=True, stream_options={"include_usage": True},
-                seed=1, user="u")
+    sent = body(
+        webhookUrl="https://h.example/", stream=True, stream_options={"include_usage": True}, seed=1, user="u"
+    )
     assert forwarded_body(sent) == body(seed=1, user="u")
 
 

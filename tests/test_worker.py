@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
-from conftest import body, wait_until
 
+from conftest import body, wait_until
 from sqlite_storage import open_storage
 from storage import Job, JobQueue, Status, StatusStore
 from upstream import Outcome
@@ -20,8 +21,9 @@ OK = Outcome(response={"object": "chat.completion", "choices": []})
 
 
 def fail(retryable: bool = True, retry_after: float | None = None) -> Outcome:
-    return Outcome(error={"message": "boom", "type": "upstream_error"}, retryable=retryable,
-                   retry_after=retry_after)
+    return Outcome(
+        error={"message": "boom", "type": "upstream_error"}, retryable=retryable, retry_after=retry_after
+    )
 
 
 class ScriptedUpstream:
@@ -56,11 +58,22 @@ class Rig:
         self.queue, self.statuses = open_storage(tmp_path / "data")
         self.upstream = ScriptedUpstream()
         self.sleeps: list[float] = []
-        defaults = dict(max_concurrent=2, max_retries=3, result_ttl=60, shutdown_timeout=1,
-                        retry_base_delay=0.5, retry_max_delay=8)
-        self.worker = Worker(queue=self.queue, statuses=self.statuses, upstream=self.upstream,
-                             settings=WorkerSettings(**{**defaults, **settings}), sleep=self.sleeps.append,
-                             poll_interval=poll_interval)
+        defaults = dict(
+            max_concurrent=2,
+            max_retries=3,
+            result_ttl=60,
+            shutdown_timeout=1,
+            retry_base_delay=0.5,
+            retry_max_delay=8,
+        )
+        self.worker = Worker(
+            queue=self.queue,
+            statuses=self.statuses,
+            upstream=self.upstream,
+            settings=WorkerSettings(**{**defaults, **settings}),
+            sleep=self.sleeps.append,
+            poll_interval=poll_interval,
+        )
         self.greenlet: gevent.Greenlet[..., None] | None = None
 
     def submit(self, rid: str) -> Job:
@@ -145,7 +158,7 @@ def test_never_more_than_max_concurrent_and_every_slot_busy(rig: Rig) -> None:
 def test_a_request_in_backoff_keeps_its_slot(tmp_path: Path) -> None:
     rig = Rig(tmp_path, max_concurrent=1)
     held = gevent.event.Event()
-    rig.worker._sleep = lambda seconds: held.wait()  # noqa: SLF001 - hold the backoff open
+    rig.worker._sleep = lambda seconds: held.wait()
     rig.upstream.scripts["a"] = [fail(), OK]
     rig.submit("a")
     rig.submit("b")
@@ -214,14 +227,14 @@ def test_wakeup_dispatches_without_waiting_for_the_poll(tmp_path: Path) -> None:
     rig = Rig(tmp_path, poll_interval=60)
     listener = WakeupListener(data)
     assert listener.available
-    rig.worker._waker = listener  # noqa: SLF001
+    rig.worker._waker = listener
     rig.start()
     gevent.sleep(0.1)
     sender = WakeupSender(data)
-    for i in range(5):
+    for i in range(1, 6):
         rig.submit(f"w{i}")
         sender.notify()
-        wait_until(lambda i=i: len(rig.upstream.calls) == i + 1, timeout=10, interval=0.005)
+        wait_until(functools.partial(lambda n: len(rig.upstream.calls) == n, i), timeout=10, interval=0.005)
         gevent.sleep(0.05)
     rig.stop()
     listener.close()
