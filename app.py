@@ -33,13 +33,14 @@ from http_errors import (
 )
 from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from validation import BodyError, parse_chat_completion
+from webhook_safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
-_PUBLIC_FIELDS = ("status", "request", "timestamp", "response", "error", "attempts")
+_PUBLIC_FIELDS = ("status", "request", "timestamp", "response", "error", "attempts", "webhook")
 
 
 class BodyTooLarge(Exception):
@@ -50,6 +51,7 @@ class BodyTooLarge(Exception):
 class ApiSettings:
     max_body_bytes: int
     max_queue: int
+    webhook_allow_private: bool = False
 
 
 def new_request_id() -> str:
@@ -135,6 +137,12 @@ def create_app(
             )
         except BodyError as exc:
             return error_response(400, "Invalid request body", "validation_error", details=exc.details)
+        webhook_url = body.get("webhookUrl")
+        if webhook_url and not settings.webhook_allow_private:
+            problem = check_url_literal(webhook_url)
+            if problem:
+                detail = {"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}
+                return error_response(400, "Invalid request body", "validation_error", details=[detail])
         request_id = new_request_id()
         job = Job(request_id=request_id, body=body, owner=owner)
         try:

@@ -6,6 +6,7 @@ Entry points call ``load_config(os.environ)``; nothing else reads the environmen
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -43,11 +44,19 @@ class Config:
     """First backoff wait between upstream attempts; doubles each time."""
     retry_max_delay: float = 30.0
     log_level: str = "INFO"
+    webhook_secret: str | None = None
+    """``whsec_`` + base64 key; when set, webhooks carry Standard Webhooks signatures."""
+    webhook_retry_base: float = 5.0
+    webhook_allow_private: bool = False
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 32
 
     def __repr__(self) -> str:
         # Secrets never reach a log, even through an accidental repr.
         shown = {
-            f.name: ("***" if f.name in ("api_keys", "openai_api_key") else getattr(self, f.name))
+            f.name: (
+                "***" if f.name in ("api_keys", "openai_api_key", "webhook_secret") else getattr(self, f.name)
+            )
             for f in dataclasses.fields(self)
         }
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -98,6 +107,22 @@ def _keys(name: str, raw: str) -> tuple[str, ...]:
     return keys
 
 
+def _webhook_secret(name: str, raw: str) -> str:
+    secret = raw.strip()
+    body = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except ValueError:
+        key = b""
+    if not secret.startswith("whsec_") or len(key) < 16:
+        raise ConfigError(
+            f"{name} must be 'whsec_' followed by a base64 key of at least 16 bytes "
+            '(generate one with: python -c "import base64, secrets; '
+            "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\")"
+        )
+    return secret
+
+
 def _level(name: str, raw: str) -> str:
     level = raw.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -130,6 +155,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     take("RETRY_BASE_DELAY", "retry_base_delay", lambda n, r: _float(n, r, 0))
     take("RETRY_MAX_DELAY", "retry_max_delay", lambda n, r: _float(n, r, 0))
     take("LOG_LEVEL", "log_level", _level)
+    take("WEBHOOK_SECRET", "webhook_secret", _webhook_secret)
+    take("WEBHOOK_RETRY_BASE", "webhook_retry_base", lambda n, r: _float(n, r, 0))
+    take("WEBHOOK_ALLOW_PRIVATE", "webhook_allow_private", _bool)
+    take("WEBHOOK_TIMEOUT", "webhook_timeout", lambda n, r: _float(n, r, 0.01))
+    take("WEBHOOK_CONCURRENCY", "webhook_concurrency", lambda n, r: _int(n, r, 1))
     port = values.get("port", 3000)
     if isinstance(port, int) and port > 65535:
         raise ConfigError(f"PORT must be <= 65535, got {port}")

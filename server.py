@@ -52,7 +52,11 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
         queue=queue,
         statuses=statuses,
         keys=KeyChecker(keys),
-        settings=ApiSettings(max_body_bytes=config.max_body_bytes, max_queue=config.max_queue),
+        settings=ApiSettings(
+            max_body_bytes=config.max_body_bytes,
+            max_queue=config.max_queue,
+            webhook_allow_private=config.webhook_allow_private,
+        ),
         notify=sender.notify,
     )
     return app, Web(app=app, config=config, closers=[sender, queue, statuses])

@@ -176,6 +176,11 @@ class DiskcacheStatusStore(StatusStore):
         self._cache.close()
 
 
+def open_outbox(data_dir: Path, *, timeout: float = 2.0) -> PersistJobQueue:
+    """The queue of owed webhook deliveries (consumed, like the job queue, by the worker only)."""
+    return PersistJobQueue(data_dir / "outbox", timeout=timeout)
+
+
 def open_storage(data_dir: Path, *, timeout: float = 2.0) -> tuple[PersistJobQueue, DiskcacheStatusStore]:
     """The queue and the status store of one DATA_DIR (created if missing)."""
     try:

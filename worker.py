@@ -29,6 +29,7 @@ import gevent.pool
 from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from supervisor import EXIT_LOCKED
 from upstream import Outcome, backoff_delay
+from webhooks import WebhookDeliverer, WebhookSender, payload_for
 
 log = logging.getLogger("llm_proxy.worker")
 
@@ -40,6 +41,10 @@ PURGE_INTERVAL = 60.0
 
 class Upstream(Protocol):
     def complete(self, body: dict[str, Any]) -> Outcome: ...
+
+
+class WebhookOutbox(Protocol):
+    def enqueue(self, request_id: str, owner: str, url: str, payload: dict[str, Any]) -> None: ...
 
 
 class Waker(Protocol):
@@ -80,6 +85,7 @@ class Worker:
         upstream: Upstream,
         settings: WorkerSettings,
         waker: Waker | None = None,
+        webhooks: WebhookOutbox | None = None,
         sleep: Callable[[float], Any] = gevent.sleep,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
@@ -88,6 +94,7 @@ class Worker:
         self._upstream = upstream
         self._settings = settings
         self._waker = waker
+        self._webhooks = webhooks
         self._sleep = sleep
         self._poll_interval = poll_interval
         self._pool = gevent.pool.Pool(settings.max_concurrent)
@@ -198,7 +205,10 @@ class Worker:
         job = claim.job
         entry = self._statuses.get(job.request_id)
         if entry is not None and Status(entry["status"]).final:
-            # Delivered again after its final status was stored: only the ack was missing.
+            # Delivered again after its final status was stored: the webhook may still be owed
+            # (a duplicate in the outbox is dropped by the deliverer), and the ack was missing.
+            if (entry.get("webhook") or {}).get("state") == "pending":
+                self._owe_webhook(job, entry)
             self._queue.ack(claim.ticket)
             return
         attempts = int(entry.get("attempts", 0)) if entry else 0
@@ -248,9 +258,24 @@ class Worker:
 
     def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
         job = claim.job
-        self._statuses.put(job.request_id, status_entry(job, status, **fields), ttl=self._settings.result_ttl)
+        ttl = self._settings.result_ttl
+        entry = status_entry(job, status, expires_at=time.time() + ttl, **fields)
+        wants_webhook = bool(job.body.get("webhookUrl")) and self._webhooks is not None
+        if wants_webhook:
+            entry["webhook"] = {"state": "pending", "attempts": 0}
+        # Status, then outbox, then ack: a crash between any two leaves the job to be handed out
+        # again, and the redelivery path in _process completes whatever is missing.
+        self._statuses.put(job.request_id, entry, ttl=ttl)
+        if wants_webhook:
+            self._owe_webhook(job, entry)
         self._queue.ack(claim.ticket)
         log.info("request %s: %s", job.request_id, status.value)
+
+    def _owe_webhook(self, job: Job, entry: dict[str, Any]) -> None:
+        if self._webhooks is not None:
+            self._webhooks.enqueue(
+                job.request_id, job.owner, str(job.body["webhookUrl"]), payload_for(job.request_id, entry)
+            )
 
     def _put_back(self, claim: Claim) -> None:
         job = claim.job
@@ -295,7 +320,7 @@ def _watch_parent(expected: int, worker: Worker) -> None:
 def main() -> int:
     from config import ConfigError, load_from_process_env
     from logs import setup_logging
-    from sqlite_storage import open_storage
+    from sqlite_storage import open_outbox, open_storage
     from upstream import UpstreamClient
     from wakeup import WakeupListener
 
@@ -321,11 +346,25 @@ def main() -> int:
         pool_size=config.max_concurrent,
     )
     waker = WakeupListener(config.data_dir)
+    outbox = open_outbox(config.data_dir)
+    sender = WebhookSender(
+        secret=config.webhook_secret,
+        allow_private=config.webhook_allow_private,
+        timeout=config.webhook_timeout,
+    )
+    deliverer = WebhookDeliverer(
+        outbox=outbox,
+        statuses=statuses,
+        sender=sender,
+        retry_base=config.webhook_retry_base,
+        concurrency=config.webhook_concurrency,
+    )
     worker = Worker(
         queue=queue,
         statuses=statuses,
         upstream=upstream,
         waker=waker,
+        webhooks=deliverer,
         settings=WorkerSettings(
             max_concurrent=config.max_concurrent,
             max_retries=config.max_retries,
@@ -343,9 +382,15 @@ def main() -> int:
     log.info(
         "worker started: MAX_CONCURRENT=%d, upstream %s", config.max_concurrent, config.openai_api_base_url
     )
+    delivering = gevent.spawn(deliverer.run)
     try:
         worker.run()
     finally:
+        # Deliveries go on while in-flight requests drain, and stop only after them.
+        deliverer.stop()
+        delivering.kill()
+        sender.close()
+        outbox.close()
         waker.close()
         upstream.close()
         queue.close()

@@ -80,6 +80,33 @@ def fake_upstream() -> Iterator[FakeUpstream]:
     upstream.process.wait(timeout=10)
 
 
+@dataclass
+class Receiver:
+    process: subprocess.Popen[str]
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def received(self, name: str) -> list[dict[str, Any]]:
+        """Every POST whose path ends with ``/<name>``, in arrival order."""
+        everything = requests.get(self.url("/_received"), timeout=5).json()
+        return [r for r in everything if r["path"].endswith("/" + name)]
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "webhook_receiver.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("PORT "), line
+    yield Receiver(process=process, port=int(line.split()[1]))
+    process.terminate()
+    process.wait(timeout=10)
+
+
 def procfile_command(kind: str) -> list[str]:
     for line in (ROOT / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
