@@ -18,6 +18,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
@@ -37,6 +38,7 @@ from webhook_safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
 
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
@@ -120,9 +122,17 @@ def create_app(
             headers={"Retry-After": RETRY_AFTER_UNAVAILABLE},
         )
 
+    openapi = OPENAPI_PATH.read_bytes()
+
     @api.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/openapi.json")
+    def openapi_document() -> HTTPResponse:
+        reply = HTTPResponse(body=openapi, status=200)
+        reply.content_type = "application/json"
+        return reply
 
     @api.post("/v1/chat/completions")
     def submit() -> HTTPResponse:

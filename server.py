@@ -108,6 +108,9 @@ def run_web() -> int:
     log.info("listening on %s:%d (embedded worker: %s)", host, config.port, "yes" if supervisor else "no")
     stop.wait()
     log.info("shutting down")
+    if supervisor is not None:
+        # The worker starts draining now, while open HTTP requests finish.
+        supervisor.begin_stop()
     server.stop(timeout=HTTP_DRAIN_SECONDS)
     if supervisor is not None:
         # Docker waits 10 s and Heroku 30 s before SIGKILL; the worker needs its own deadline plus

@@ -67,12 +67,18 @@ class WorkerSupervisor:
             log.error("the worker exited with code %s; restarting it", code)
             gevent.sleep(self._restart_delay)
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM the worker, give it ``timeout`` seconds, then SIGKILL it."""
+    def begin_stop(self) -> None:
+        """SIGTERM the worker (it stops dispatching and drains) and restart it no more."""
         self._stopping = True
         process = self._process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float) -> None:
+        """Stop the worker: SIGTERM, ``timeout`` seconds to finish, then SIGKILL."""
+        self.begin_stop()
+        process = self._process
+        if process is not None and process.poll() is None:
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -41,7 +41,10 @@ def _number(value: Any) -> float | int:
     return value
 
 
-def _integer(value: Any) -> int:
+def _integer(value: Any) -> int | float:
+    # JSON has one number type: 2.0 is an integer too (as JSON Schema counts it).
+    if isinstance(value, float) and value.is_integer():
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid("expected an integer")
     return value

@@ -182,9 +182,8 @@ class Worker:
         except _GracefulStop:
             self._put_back(claim)
         except StorageUnavailable as exc:
-            # The job stays claimed (unacked) and is handed out again when the worker restarts;
-            # retrying here would only spin against a broken disk.
-            log.error("request %s: storage failed, it will be retried on restart: %s", job.request_id, exc)
+            log.error("request %s: storage failed, it will be retried: %s", job.request_id, exc)
+            self._release_when_possible(claim)
         except Exception:
             log.exception("request %s: unexpected failure", job.request_id)
             self._finish(
@@ -196,6 +195,17 @@ class Worker:
                     "attempts": self._attempts_of(job),
                 },
             )
+
+    def _release_when_possible(self, claim: Claim) -> None:
+        """Hand the job back once the disk works again. Should the worker stop first, the claim is
+        recovered at its next start instead."""
+        delay = 1.0
+        while not self._stopping.wait(delay):
+            try:
+                self._queue.release(claim.ticket)
+                return
+            except StorageUnavailable:
+                delay = min(delay * 2, 30.0)
 
     def _attempts_of(self, job: Job) -> int:
         entry = self._statuses.get(job.request_id)
