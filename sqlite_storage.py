@@ -10,23 +10,36 @@ Pitfalls handled here (see shared notes, measured on this stack):
 - diskcache keeps one SQLite connection per ``threading.local``, which gevent turns into one per
   greenlet: the cache gets the unpatched thread-local, so one connection serves the process.
 - diskcache's default 1 GiB limit evicts live entries: eviction is off; expiry alone removes entries.
-- SQLite's busy wait freezes the gevent loop: timeouts are short and failures become
-  ``StorageUnavailable``, which the web answers with 503 + Retry-After.
+- SQLite's busy wait freezes the gevent loop: it is kept at 50 ms, and a locked database is retried
+  with ``gevent.sleep`` (other greenlets keep running) for up to ``patience`` seconds; then the
+  failure becomes ``StorageUnavailable``, which the web answers with 503 + Retry-After.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import diskcache
+import gevent
 import persistqueue
 import persistqueue.serializers.json as json_serializer
 from gevent import monkey
 from persistqueue.exceptions import Empty
 
 from storage import Claim, Job, JobQueue, StatusStore, StorageUnavailable
+
+T = TypeVar("T")
+
+OPEN_TIMEOUT = 10.0
+"""SQLite busy wait while opening: web and worker may create the same tables at once."""
+BUSY_WAIT = 0.05
+"""SQLite's own busy wait afterwards, which blocks every greenlet of the process while it lasts."""
+PATIENCE = 2.0
+"""How long a locked database is retried (cooperatively) before the operation fails."""
 
 QUEUE_NAME = "jobs"
 _TABLE = f"ack_queue_{QUEUE_NAME}"
@@ -35,41 +48,65 @@ _IN_FLIGHT = 2
 _ACKED = 5
 
 
-class PersistJobQueue(JobQueue):
-    def __init__(self, directory: Path, *, timeout: float = 2.0) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._directory = directory
+def _busy(exc: BaseException) -> bool:
+    return isinstance(exc, diskcache.Timeout) or "locked" in str(exc) or "busy" in str(exc)
+
+
+def _retrying(what: str, action: Callable[[], T], patience: float) -> T:
+    deadline = time.monotonic() + patience
+    pause = 0.005
+    while True:
         try:
+            return action()
+        except (sqlite3.OperationalError, diskcache.Timeout) as exc:
+            if not _busy(exc) or time.monotonic() + pause > deadline:
+                raise StorageUnavailable(f"{what}: {exc or 'database is locked'}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnavailable(f"{what}: {exc}") from exc
+        gevent.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
+class PersistJobQueue(JobQueue):
+    def __init__(self, directory: Path, *, patience: float = PATIENCE) -> None:
+        self._patience = patience
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
             self._queue = persistqueue.SQLiteAckQueue(
                 str(directory),
                 name=QUEUE_NAME,
                 auto_resume=False,
-                timeout=timeout,
+                timeout=OPEN_TIMEOUT,
                 serializer=json_serializer,
             )
-            self._reader = sqlite3.connect(str(directory / "data.db"), timeout=timeout)
+            self._reader = sqlite3.connect(str(directory / "data.db"), timeout=OPEN_TIMEOUT)
             # Counting waiting rows and finding a row's place stay index lookups under a deep backlog.
-            self._reader.execute(f"CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id)")
-            self._reader.commit()
+            with self._reader:
+                self._reader.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id)"
+                )
+            for connection in (self._queue._conn, self._reader):
+                connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 
     def put(self, job: Job) -> int:
-        try:
-            ticket = self._queue.put(job.to_dict())
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot store the job: {exc}") from exc
+        data = job.to_dict()
+        ticket = _retrying("cannot store the job", lambda: self._queue.put(data), self._patience)
         if ticket is None:  # pragma: no cover - persist-queue returns lastrowid for SQLite
             raise StorageUnavailable("the queue did not return a row id")
         return int(ticket)
 
     def claim(self) -> Claim | None:
-        try:
-            raw = self._queue.get(block=False, raw=True)
-        except Empty:
+        def take() -> Any:
+            try:
+                return self._queue.get(block=False, raw=True)
+            except Empty:
+                return None
+
+        raw = _retrying("cannot claim a job", take, self._patience)
+        if raw is None:
             return None
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot claim a job: {exc}") from exc
         # The ack cache inside persist-queue would keep every claimed item alive forever otherwise.
         self._queue._unack_cache.pop(raw["pqid"], None)
         return Claim(ticket=int(raw["pqid"]), job=Job.from_dict(raw["data"]))
@@ -81,24 +118,18 @@ class PersistJobQueue(JobQueue):
         self._mark(ticket, "nack")
 
     def _mark(self, ticket: int, how: str) -> None:
-        try:
-            getattr(self._queue, how)(id=ticket)
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot {how} job {ticket}: {exc}") from exc
+        mark = getattr(self._queue, how)
+        _retrying(f"cannot {how} job {ticket}", lambda: mark(id=ticket), self._patience)
 
     def recover(self) -> int:
         count = self.in_flight()
-        try:
-            self._queue.resume_unack_tasks()
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot recover in-flight jobs: {exc}") from exc
+        _retrying("cannot recover in-flight jobs", self._queue.resume_unack_tasks, self._patience)
         return count
 
     def _scalar(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
-        try:
-            row = self._reader.execute(sql, args).fetchone()
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot read the job queue: {exc}") from exc
+        row = _retrying(
+            "cannot read the job queue", lambda: self._reader.execute(sql, args).fetchone(), self._patience
+        )
         return row[0] if row else None
 
     def waiting(self) -> int:
@@ -119,12 +150,11 @@ class PersistJobQueue(JobQueue):
         )
 
     def compact(self) -> int:
-        try:
+        def delete() -> int:
             with self._reader:
-                cursor = self._reader.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,))
-            return cursor.rowcount
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageUnavailable(f"cannot compact the job queue: {exc}") from exc
+                return self._reader.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount
+
+        return _retrying("cannot compact the job queue", delete, self._patience)
 
     def close(self) -> None:
         self._reader.close()
@@ -132,11 +162,12 @@ class PersistJobQueue(JobQueue):
 
 
 class DiskcacheStatusStore(StatusStore):
-    def __init__(self, directory: Path, *, timeout: float = 2.0) -> None:
+    def __init__(self, directory: Path, *, patience: float = PATIENCE) -> None:
+        self._patience = patience
         try:
             self._cache = diskcache.Cache(
                 str(directory),
-                timeout=timeout,
+                timeout=OPEN_TIMEOUT,
                 eviction_policy="none",
                 statistics=False,
                 tag_index=False,
@@ -146,48 +177,41 @@ class DiskcacheStatusStore(StatusStore):
         # One connection per process, not per greenlet (diskcache 5.6.3 keeps it in `_local`).
         self._cache.close()
         self._cache._local = monkey.get_original("_thread", "_local")()
+        self._cache._timeout = BUSY_WAIT
 
     def create(self, request_id: str, entry: dict[str, Any]) -> bool:
-        try:
-            return bool(self._cache.add(request_id, entry, retry=False))
-        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-            raise StorageUnavailable(f"cannot store status: {exc}") from exc
+        return bool(
+            _retrying("cannot store status", lambda: self._cache.add(request_id, entry), self._patience)
+        )
 
     def put(self, request_id: str, entry: dict[str, Any], ttl: float | None = None) -> None:
-        try:
-            self._cache.set(request_id, entry, expire=ttl, retry=False)
-        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-            raise StorageUnavailable(f"cannot store status: {exc}") from exc
+        _retrying(
+            "cannot store status", lambda: self._cache.set(request_id, entry, expire=ttl), self._patience
+        )
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        try:
-            value = self._cache.get(request_id, default=None, retry=False)
-        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-            raise StorageUnavailable(f"cannot read status: {exc}") from exc
+        value = _retrying("cannot read status", lambda: self._cache.get(request_id), self._patience)
         return value if isinstance(value, dict) else None
 
     def purge_expired(self) -> int:
-        try:
-            return int(self._cache.expire(retry=False))
-        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-            raise StorageUnavailable(f"cannot purge statuses: {exc}") from exc
+        return int(_retrying("cannot purge statuses", self._cache.expire, self._patience))
 
     def close(self) -> None:
         self._cache.close()
 
 
-def open_outbox(data_dir: Path, *, timeout: float = 2.0) -> PersistJobQueue:
+def open_outbox(data_dir: Path) -> PersistJobQueue:
     """The queue of owed webhook deliveries (consumed, like the job queue, by the worker only)."""
-    return PersistJobQueue(data_dir / "outbox", timeout=timeout)
+    return PersistJobQueue(data_dir / "outbox")
 
 
-def open_storage(data_dir: Path, *, timeout: float = 2.0) -> tuple[PersistJobQueue, DiskcacheStatusStore]:
+def open_storage(data_dir: Path) -> tuple[PersistJobQueue, DiskcacheStatusStore]:
     """The queue and the status store of one DATA_DIR (created if missing)."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageUnavailable(f"cannot create DATA_DIR {data_dir}: {exc}") from exc
     return (
-        PersistJobQueue(data_dir / "queue", timeout=timeout),
-        DiskcacheStatusStore(data_dir / "status", timeout=timeout),
+        PersistJobQueue(data_dir / "queue"),
+        DiskcacheStatusStore(data_dir / "status"),
     )

@@ -3,8 +3,8 @@
 Run: ``python tests/fake_upstream.py [--port N] [--delay S]``; it prints ``PORT <n>`` once listening.
 A request steers its own answer with a top-level ``x_fake`` object (the proxy passes unknown fields
 through): ``{"key": "k", "delay": 0.2, "fail_times": 2, "fail_status": 503, "status": 400,
-"retry_after": "0", "error_code": "insufficient_quota", "garbage": true}``. ``fail_times`` counts per
-``key``. ``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen;
+"retry_after": "0", "error_code": "insufficient_quota", "garbage": true, "slow_times": 1}``.
+``fail_times`` and ``slow_times`` (only the first n calls wait ``delay``) count per ``key``. ``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen;
 ``POST /_reset`` clears it.
 """
 
@@ -84,6 +84,8 @@ class FakeUpstream:
         self.peak = max(self.peak, self.inflight)
         try:
             delay = float(fake.get("delay", self.default_delay))
+            if "slow_times" in fake and attempt > int(fake["slow_times"]):
+                delay = 0.0
             if delay > 0:
                 gevent.sleep(delay)
             headers = {}

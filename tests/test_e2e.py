@@ -12,19 +12,19 @@ from typing import Any
 
 import requests
 
-from conftest import API_KEY, ROOT, FakeUpstream, Service, body, procfile_command, wait_until
+from conftest import API_KEY, ROOT, FakeUpstream, Receiver, Service, body, procfile_command, wait_until
 
 MakeService = Callable[..., Service]
 
 
 def test_request_completes_and_upstream_sees_only_its_own_key(
-    make_service: MakeService, fake_upstream: FakeUpstream
+    make_service: MakeService, fake_upstream: FakeUpstream, receiver: Receiver
 ) -> None:
-    service = make_service()
+    service = make_service(WEBHOOK_ALLOW_PRIVATE="true")
     fake_upstream.reset()
     sent = body(
         "capital of France?",
-        webhookUrl="https://example.com/hook",
+        webhookUrl=receiver.url("/ok/basic"),
         stream=True,
         stream_options={"include_usage": True},
         seed=7,
