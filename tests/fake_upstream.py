@@ -4,8 +4,8 @@ Run: ``python tests/fake_upstream.py [--port N] [--delay S]``; it prints ``PORT 
 A request steers its own answer with a top-level ``x_fake`` object (the proxy passes unknown fields
 through): ``{"key": "k", "delay": 0.2, "fail_times": 2, "fail_status": 503, "status": 400,
 "retry_after": "0", "error_code": "insufficient_quota", "garbage": true, "slow_times": 1}``.
-``fail_times`` and ``slow_times`` (only the first n calls wait ``delay``) count per ``key``. ``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen;
-``POST /_reset`` clears it.
+``fail_times`` and ``slow_times`` (only the first n calls wait ``delay``) count per ``key``.
+``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen; ``POST /_reset`` clears it.
 """
 
 from gevent import monkey

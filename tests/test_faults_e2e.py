@@ -3,6 +3,7 @@ how many were accepted, how many completed, none lost."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sqlite3
@@ -72,6 +73,10 @@ def test_sigterm_finishes_what_it_can_puts_back_the_rest_and_they_complete_after
     assert calls["term-cut-0"] == 2 and calls["term-cut-1"] == 2
 
 
+def _calls_reach(upstream: FakeUpstream, key: str, count: int) -> bool:
+    return bool(upstream.stats()["by_key"].get(key) == count)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -86,8 +91,8 @@ def test_a_request_that_keeps_killing_the_worker_ends_as_an_error(
     service = make_service(MAX_RETRIES="1")
     fake_upstream.reset()
     rid = service.submit(body(x_fake={"key": "killer", "delay": 30})).json()["request_id"]
-    for round_ in (1, 2):
-        wait_until(lambda r=round_: fake_upstream.stats()["by_key"].get("killer") == r, timeout=20)
+    for calls in (1, 2):
+        wait_until(functools.partial(_calls_reach, fake_upstream, "killer", calls), timeout=20)
         os.kill(service.worker_pids()[0], signal.SIGKILL)
     final = service.wait_final(rid, timeout=30)
     assert final["status"] == "error"
