@@ -1,0 +1,406 @@
+"""The benchmark: the real service (started as the Procfile starts it) against a fake upstream, each
+figure beside a ceiling measured in the same run, reported as a ratio.
+
+    python bench/run.py [--quick] [--json PATH]
+
+Everything runs on 127.0.0.1. wrk drives the throughput phases when installed (``apt-get install
+wrk``), a gevent keep-alive client otherwise (``BENCH_CLIENT=gevent`` forces it).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import requests  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import LoadResult, load, percentile, submit_many, wrk_available  # noqa: E402
+
+API_KEY = "bench-key-0123456789"
+HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+QUEUE_TABLE = "ack_queue_jobs"
+
+
+def body(key: str = "", delay: float | None = None, content: str = "hello") -> bytes:
+    fake: dict[str, Any] = {"key": key}
+    if delay is not None:
+        fake["delay"] = delay
+    return json.dumps(
+        {"model": "bench", "messages": [{"role": "user", "content": content}], "x_fake": fake}
+    ).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def start_script(script: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        raise RuntimeError(f"{script.name} did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+def procfile(kind: str) -> list[str]:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == kind:
+            argv = shlex.split(command.strip())
+            return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+    raise RuntimeError(f"no {kind} line in the Procfile")
+
+
+@dataclass
+class Service:
+    upstream_port: int
+    workdir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / f"data-{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", ""),
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "API_KEY": API_KEY,
+            "OPENAI_API_BASE_URL": f"http://127.0.0.1:{self.upstream_port}/v1",
+            "DATA_DIR": str(self.data_dir),
+            "MAX_QUEUE": "100000000",
+            "LOG_LEVEL": "WARNING",
+            "SHUTDOWN_TIMEOUT": "2",
+            **self.env_extra,
+        }
+
+    def start(self, kind: str = "web") -> None:
+        log = open(self.workdir / f"service-{self.port}.log", "ab")  # noqa: SIM115 - child's stderr
+        self.processes.append(
+            subprocess.Popen(procfile(kind), cwd=ROOT, env=self.env, stdout=log, stderr=log,
+                             start_new_session=True)
+        )
+        if kind == "web":
+            wait_until(self.healthy, timeout=30, interval=0.05)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        reply = requests.get(f"http://127.0.0.1:{self.port}/v1/chat/completions/{request_id}",
+                             headers=HEADERS, timeout=10)
+        return dict(reply.json())
+
+    def worker_pid(self) -> int | None:
+        lock = self.data_dir / "worker.lock"
+        text = lock.read_text().strip() if lock.exists() else ""
+        return int(text) if text.isdigit() else None
+
+    def unfinished(self) -> int:
+        with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {QUEUE_TABLE} WHERE status < 5").fetchone()[0])
+
+    def queued_rows(self) -> int:
+        with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {QUEUE_TABLE}").fetchone()[0])
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.processes.clear()
+
+
+def proc_footprint(pid: int) -> tuple[float, int]:
+    """(RSS in MB, open file descriptors) of a process."""
+    rss_kb = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    ceiling: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+class Bench:
+    def __init__(self, quick: bool, workdir: Path) -> None:
+        self.quick = quick
+        self.workdir = workdir
+        self.duration = 1.5 if quick else 10.0
+        self.figures: list[Figure] = []
+        self.upstream, self.upstream_port = start_script(ROOT / "tests" / "fake_upstream.py")
+        self.ceiling, self.ceiling_port = start_script(ROOT / "bench" / "ceiling.py")
+
+    def close(self) -> None:
+        for process in (self.upstream, self.ceiling):
+            process.terminate()
+            process.wait()
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        print(f"  {figure.name}: {figure.value:.4g} {figure.unit}"
+              + (f"  (ratio {figure.ratio:.2f})" if figure.ratio is not None else ""), flush=True)
+
+    def upstream_stats(self) -> dict[str, Any]:
+        return dict(requests.get(f"http://127.0.0.1:{self.upstream_port}/_stats", timeout=5).json())
+
+    def reset_upstream(self) -> None:
+        requests.post(f"http://127.0.0.1:{self.upstream_port}/_reset", timeout=5)
+
+    def service(self, **env: str) -> Service:
+        return Service(upstream_port=self.upstream_port, workdir=self.workdir, env_extra=env)
+
+    def drive(self, port: int, method: str, path: str, payload: bytes = b"", expect: int = 200) -> LoadResult:
+        return load(port, method, path, HEADERS, payload, concurrency=32, duration=self.duration,
+                    expect=expect)
+
+    # 1 and 2 --------------------------------------------------------------------------------
+
+    def submit_and_status(self) -> None:
+        print("submit and status (32 keep-alive clients)", flush=True)
+        service = self.service(EMBEDDED_WORKER="false")
+        service.start()
+        try:
+            # A completed request to read back: one worker run, then the worker stops again.
+            done_id = submit_many(service.port, [body("done")], HEADERS, concurrency=1)[0][0]
+            service.start("worker")
+            wait_until(lambda: service.status(done_id)["status"] == "completed", timeout=30)
+            worker = service.processes.pop()
+            worker.send_signal(signal.SIGTERM)
+            worker.wait()
+
+            ceiling_submit = self.drive(self.ceiling_port, "POST", "/v1/chat/completions", body(), 202)
+            rows_before = service.queued_rows()
+            submit = self.drive(service.port, "POST", "/v1/chat/completions", body("load"), 202)
+            stored = service.queued_rows() - rows_before
+            ratio = submit.rate / ceiling_submit.rate
+            self.add(Figure("submit throughput", submit.rate, "req/s", ceiling_submit.rate, ratio, ">= 0.25",
+                            ratio >= 0.25 and submit.bad == 0 and stored >= submit.requests,
+                            f"p50 {submit.p50_ms:.2f} ms, p99 {submit.p99_ms:.2f} ms; ceiling p50 "
+                            f"{ceiling_submit.p50_ms:.2f} ms; {submit.bad} non-202; {stored} rows stored "
+                            f"for {submit.requests} counted 202s; client {submit.tool}"))
+
+            deep_id = submit_many(service.port, [body("deep")], HEADERS, concurrency=1)[0][0]
+            depth = service.status(deep_id).get("queue_position", 0)
+            ceiling_status = self.drive(self.ceiling_port, "GET", f"/v1/chat/completions/{done_id}")
+            for label, request_id in (("status (completed)", done_id), ("status (pending)", deep_id)):
+                result = self.drive(service.port, "GET", f"/v1/chat/completions/{request_id}")
+                ratio = result.rate / ceiling_status.rate
+                note = f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms; {result.bad} non-200"
+                if "pending" in label:
+                    note += f"; queue_position {depth}"
+                self.add(Figure(label + " throughput", result.rate, "req/s", ceiling_status.rate, ratio,
+                                ">= 0.60", ratio >= 0.60 and result.bad == 0, note))
+        finally:
+            service.stop()
+
+    # 3 ---------------------------------------------------------------------------------------
+
+    def dispatch_latency(self) -> None:
+        print("dispatch latency (idle service, sequential)", flush=True)
+        service = self.service(MAX_CONCURRENT="4")
+        service.start()
+        wait_until(service.worker_pid, timeout=10)
+        time.sleep(0.5)
+        self.reset_upstream()
+        try:
+            count = 20 if self.quick else 100
+            gaps = []
+            for i in range(count):
+                key = f"dispatch-{i}"
+                _, accepted_at = submit_many(service.port, [body(key)], HEADERS, concurrency=1)[0]
+                arrived = wait_until(lambda k=key: self.upstream_stats()["first_call_at"].get(k), timeout=10)
+                # The worker is nudged before the 202 is written, so the call can arrive first: 0 then.
+                gaps.append(max(0.0, arrived - accepted_at) * 1000)
+                time.sleep(0.02)
+            p50, p99 = percentile(gaps, 50), percentile(gaps, 99)
+            self.add(Figure("dispatch latency p50", p50, "ms", target="<= 3", met=p50 <= 3))
+            self.add(Figure("dispatch latency p99", p99, "ms", target="<= 20", met=p99 <= 20))
+        finally:
+            service.stop()
+
+    # 4 ---------------------------------------------------------------------------------------
+
+    def slot_efficiency(self) -> None:
+        print("slot efficiency (MAX_CONCURRENT=50, 0.5 s upstream)", flush=True)
+        total = 150 if self.quick else 600
+        service = self.service(MAX_CONCURRENT="50")
+        service.start()
+        wait_until(service.worker_pid, timeout=10)
+        self.reset_upstream()
+        try:
+            started = time.time()
+            ids = submit_many(service.port, [body(f"slot-{i}", delay=0.5) for i in range(total)], HEADERS,
+                              concurrency=32)
+            wait_until(lambda: service.unfinished() == 0, timeout=120, interval=0.05)
+            finished = max(service.status(rid)["timestamp"] for rid, _ in ids) / 1000
+            ideal = (total / 50) * 0.5
+            efficiency = ideal / (finished - started)
+            peak = self.upstream_stats()["peak"]
+            self.add(Figure("slot efficiency", efficiency, "", target=">= 0.97", met=efficiency >= 0.97,
+                            note=f"makespan {finished - started:.2f} s, ideal {ideal:.2f} s"))
+            self.add(Figure("peak upstream concurrency", peak, "", target="== 50", met=peak == 50))
+        finally:
+            service.stop()
+
+    # 5 ---------------------------------------------------------------------------------------
+
+    def worker_capacity(self) -> None:
+        print("worker capacity (MAX_CONCURRENT=200, instant upstream)", flush=True)
+        total = 500 if self.quick else 5000
+        service = self.service(MAX_CONCURRENT="200", EMBEDDED_WORKER="false")
+        service.start()
+        try:
+            submit_many(service.port, [body() for _ in range(total)], HEADERS, concurrency=32)
+            service.start("worker")
+            wait_until(lambda: service.unfinished() < total, timeout=30, interval=0.002)
+            started = time.monotonic()
+            remaining = service.unfinished()
+            wait_until(lambda: service.unfinished() == 0, timeout=300, interval=0.01)
+            rate = remaining / (time.monotonic() - started)
+            self.add(Figure("worker capacity", rate, "completions/s", target=">= 1000", met=rate >= 1000))
+        finally:
+            service.stop()
+
+    # 6 ---------------------------------------------------------------------------------------
+
+    def footprint(self) -> None:
+        first, last = (300, 3000) if self.quick else (1000, 50000)
+        print(f"footprint after {first} and {last} requests", flush=True)
+        service = self.service(MAX_CONCURRENT="50", RESULT_TTL="5")
+        service.start()
+        web_pid = service.processes[0].pid
+        try:
+            worker_pid = wait_until(service.worker_pid, timeout=10)
+            marks = {}
+            sent = 0
+            for mark in (first, last):
+                while sent < mark:
+                    batch = min(2000, mark - sent)
+                    submit_many(service.port, [body() for _ in range(batch)], HEADERS, concurrency=16)
+                    sent += batch
+                wait_until(lambda: service.unfinished() == 0, timeout=600, interval=0.05)
+                marks[mark] = (proc_footprint(web_pid), proc_footprint(worker_pid))
+            (web_a, worker_a), (web_b, worker_b) = marks[first], marks[last]
+            rss_growth = max(web_b[0] - web_a[0], worker_b[0] - worker_a[0])
+            fd_growth = max(web_b[1] - web_a[1], worker_b[1] - worker_a[1])
+            self.add(Figure("RSS growth", rss_growth, "MB", target="<= 20", met=rss_growth <= 20,
+                            note=f"web {web_a[0]:.0f} -> {web_b[0]:.0f} MB, worker {worker_a[0]:.0f} -> "
+                                 f"{worker_b[0]:.0f} MB"))
+            self.add(Figure("open fd growth", fd_growth, "", target="== 0", met=fd_growth <= 0,
+                            note=f"web {web_a[1]} -> {web_b[1]}, worker {worker_a[1]} -> {worker_b[1]}"))
+            time.sleep(6)  # past RESULT_TTL
+            self.add(Figure("DATA_DIR after expiry", dir_size_mb(service.data_dir), "MB",
+                            note=f"after {last} requests"))
+        finally:
+            service.stop()
+
+    def run(self) -> None:
+        self.submit_and_status()
+        self.dispatch_latency()
+        self.slot_efficiency()
+        self.worker_capacity()
+        self.footprint()
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def table(figures: list[Figure]) -> str:
+    lines = ["| figure | value | ceiling | ratio | target | met | notes |", "|---|---|---|---|---|---|---|"]
+    for f in figures:
+        lines.append(
+            f"| {f.name} | {f.value:.4g} {f.unit} | "
+            f"{'' if f.ceiling is None else f'{f.ceiling:.4g}'} | "
+            f"{'' if f.ratio is None else f'{f.ratio:.2f}'} | {f.target} | "
+            f"{'' if f.met is None else ('yes' if f.met else 'NO')} | {f.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few seconds: small counts, short phases")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
+    print(f"benchmark on {machine()}; client: {'wrk' if wrk_available() else 'gevent'}", flush=True)
+    bench = Bench(args.quick, workdir)
+    try:
+        bench.run()
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(table(bench.figures))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": machine(),
+            "quick": args.quick,
+            "client": "wrk" if wrk_available() else "gevent",
+            "figures": [f.__dict__ for f in bench.figures],
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    gevent.get_hub()
+    sys.exit(main())
