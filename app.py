@@ -156,7 +156,7 @@ def create_app(
         request_id = new_request_id()
         job = Job(request_id=request_id, body=body, owner=owner)
         try:
-            if queue.waiting() >= settings.max_queue:
+            if queue.counts()[0] >= settings.max_queue:
                 return error_response(
                     429,
                     f"The queue is full ({settings.max_queue} requests waiting); retry later.",
@@ -182,8 +182,9 @@ def create_app(
             log.warning("request %s queued but its pending status was not stored: %s", request_id, exc)
         notify()
         try:
-            position = queue.position(ticket) or 0
-            active = queue.in_flight()
+            # Ours is the newest waiting job (puts in this process do not interleave unless a locked
+            # database made one wait), so its place is the waiting count; 0 once the worker took it.
+            position, active = queue.counts()
         except StorageUnavailable:
             position, active = 0, 0
         return json_response(

@@ -67,6 +67,36 @@ def _retrying(what: str, action: Callable[[], T], patience: float) -> T:
         pause = min(pause * 2, 0.1)
 
 
+def _bucket(row: str) -> str:
+    return (
+        f"CASE WHEN {row}.status < {_IN_FLIGHT} THEN 'waiting'"
+        f" WHEN {row}.status = {_IN_FLIGHT} THEN 'in_flight' ELSE '' END"
+    )
+
+
+# Exact waiting / in-flight counts for every process, kept by triggers in the same transaction as
+# the change: a COUNT(*) per submit would cost O(backlog), and persist-queue's own counters are
+# per process. The (status, _id) index serves positions, claims and the oldest waiting row.
+_COUNTING_SCHEMA = f"""
+CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id);
+CREATE TABLE IF NOT EXISTS {_TABLE}_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+INSERT OR IGNORE INTO {_TABLE}_counts VALUES
+    ('waiting', (SELECT COUNT(*) FROM {_TABLE} WHERE status < {_IN_FLIGHT})),
+    ('in_flight', (SELECT COUNT(*) FROM {_TABLE} WHERE status = {_IN_FLIGHT}));
+CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_insert AFTER INSERT ON {_TABLE} BEGIN
+    UPDATE {_TABLE}_counts SET n = n + 1 WHERE name = {_bucket("NEW")};
+END;
+CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_update AFTER UPDATE OF status ON {_TABLE}
+WHEN {_bucket("OLD")} != {_bucket("NEW")} BEGIN
+    UPDATE {_TABLE}_counts SET n = n - 1 WHERE name = {_bucket("OLD")};
+    UPDATE {_TABLE}_counts SET n = n + 1 WHERE name = {_bucket("NEW")};
+END;
+CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_delete AFTER DELETE ON {_TABLE} BEGIN
+    UPDATE {_TABLE}_counts SET n = n - 1 WHERE name = {_bucket("OLD")};
+END;
+"""
+
+
 class PersistJobQueue(JobQueue):
     def __init__(self, directory: Path, *, patience: float = PATIENCE) -> None:
         self._patience = patience
@@ -79,12 +109,15 @@ class PersistJobQueue(JobQueue):
                 timeout=OPEN_TIMEOUT,
                 serializer=json_serializer,
             )
-            self._reader = sqlite3.connect(str(directory / "data.db"), timeout=OPEN_TIMEOUT)
-            # Counting waiting rows and finding a row's place stay index lookups under a deep backlog.
-            with self._reader:
-                self._reader.execute(
-                    f"CREATE INDEX IF NOT EXISTS {_TABLE}_status_id ON {_TABLE} (status, _id)"
-                )
+            self._reader = sqlite3.connect(
+                str(directory / "data.db"), timeout=OPEN_TIMEOUT, isolation_level=None
+            )
+            try:
+                # One transaction: web and worker may both set this up at the same moment.
+                self._reader.executescript(f"BEGIN IMMEDIATE; {_COUNTING_SCHEMA} COMMIT;")
+            finally:
+                if self._reader.in_transaction:
+                    self._reader.execute("ROLLBACK")
             for connection in (self._queue._conn, self._reader):
                 connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
         except (sqlite3.Error, OSError) as exc:
@@ -132,27 +165,34 @@ class PersistJobQueue(JobQueue):
         )
         return row[0] if row else None
 
-    def waiting(self) -> int:
-        return int(self._scalar(f"SELECT COUNT(*) FROM {_TABLE} WHERE status < ?", (_IN_FLIGHT,)))
-
-    def in_flight(self) -> int:
-        return int(self._scalar(f"SELECT COUNT(*) FROM {_TABLE} WHERE status = ?", (_IN_FLIGHT,)))
+    def counts(self) -> tuple[int, int]:
+        rows = _retrying(
+            "cannot read the job queue",
+            lambda: self._reader.execute(f"SELECT name, n FROM {_TABLE}_counts").fetchall(),
+            self._patience,
+        )
+        found = dict(rows)
+        return int(found["waiting"]), int(found["in_flight"])
 
     def position(self, ticket: int) -> int | None:
         status = self._scalar(f"SELECT status FROM {_TABLE} WHERE _id = ?", (ticket,))
         if status is None or int(status) >= _IN_FLIGHT:
             return None
-        return int(
-            self._scalar(
-                f"SELECT COUNT(*) FROM {_TABLE} WHERE status < ? AND _id <= ?",
-                (_IN_FLIGHT, ticket),
-            )
+        oldest = self._scalar(
+            f"SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0"
+            f" UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1)"
         )
+        newest = self._scalar(f"SELECT MAX(_id) FROM {_TABLE}")
+        # Count from whichever end of the waiting line is nearer: O(distance), not O(backlog).
+        if ticket - oldest <= newest - ticket:
+            ahead = f"SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id <= ?"
+            return int(self._scalar(ahead, (ticket,)))
+        behind = f"SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id > ?"
+        return self.waiting() - int(self._scalar(behind, (ticket,)))
 
     def compact(self) -> int:
         def delete() -> int:
-            with self._reader:
-                return self._reader.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount
+            return int(self._reader.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount)
 
         return _retrying("cannot compact the job queue", delete, self._patience)
 

@@ -82,13 +82,16 @@ class JobQueue:
         """Consumer start-up only: jobs left in flight by a dead consumer wait again. Returns how many."""
         raise NotImplementedError
 
-    def waiting(self) -> int:
-        """How many jobs wait to be claimed, counted across processes."""
+    def counts(self) -> tuple[int, int]:
+        """(waiting, in flight), read together and counted across processes: jobs waiting to be
+        claimed, and jobs claimed and not yet acked."""
         raise NotImplementedError
 
+    def waiting(self) -> int:
+        return self.counts()[0]
+
     def in_flight(self) -> int:
-        """How many jobs are claimed and not yet acked, counted across processes."""
-        raise NotImplementedError
+        return self.counts()[1]
 
     def position(self, ticket: int) -> int | None:
         """1-based place of a waiting job among the waiting ones; None if it no longer waits."""

@@ -16,10 +16,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server import make_listener  # noqa: E402
 
-ACCEPTED = json.dumps({"request_id": "chatreq_" + "x" * 24, "status": "pending", "queue_position": 1,
-                       "active_requests": 0})
-STATUS = json.dumps({"request_id": "chatreq_" + "x" * 24, "status": "completed", "request": {},
-                     "timestamp": 0, "response": {"object": "chat.completion", "choices": []}})
+ACCEPTED = json.dumps(
+    {"request_id": "chatreq_" + "x" * 24, "status": "pending", "queue_position": 1, "active_requests": 0}
+)
+STATUS = json.dumps(
+    {
+        "request_id": "chatreq_" + "x" * 24,
+        "status": "completed",
+        "request": {},
+        "timestamp": 0,
+        "response": {"object": "chat.completion", "choices": []},
+    }
+)
 
 
 def main() -> None:

@@ -86,9 +86,7 @@ def build_request(method: str, path: str, headers: dict[str, str], body: bytes =
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def gevent_load(
-    port: int, raw: bytes, *, concurrency: int, duration: float, expect: int
-) -> LoadResult:
+def gevent_load(port: int, raw: bytes, *, concurrency: int, duration: float, expect: int) -> LoadResult:
     latencies: list[float] = []
     bad = 0
     deadline = time.monotonic() + duration
@@ -137,7 +135,13 @@ def wrk_available() -> bool:
 
 
 def wrk_load(
-    port: int, method: str, path: str, headers: dict[str, str], body: bytes, *, concurrency: int,
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    concurrency: int,
     duration: float,
 ) -> LoadResult:
     script = _WRK_SCRIPT.format(
@@ -149,9 +153,23 @@ def wrk_load(
         handle.write(script)
     try:
         output = subprocess.run(
-            ["wrk", "-t", "2", "-c", str(concurrency), "-d", f"{max(1, round(duration))}s", "--latency",
-             "-s", handle.name, f"http://127.0.0.1:{port}{path}"],
-            capture_output=True, text=True, timeout=duration + 60, check=True,
+            [
+                "wrk",
+                "-t",
+                "2",
+                "-c",
+                str(concurrency),
+                "-d",
+                f"{max(1, round(duration))}s",
+                "--latency",
+                "-s",
+                handle.name,
+                f"http://127.0.0.1:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=True,
         ).stdout
     finally:
         os.unlink(handle.name)
@@ -168,8 +186,15 @@ def wrk_load(
 
 
 def load(
-    port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"", *, concurrency: int,
-    duration: float, expect: int,
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+    *,
+    concurrency: int,
+    duration: float,
+    expect: int,
 ) -> LoadResult:
     """Drive ``concurrency`` keep-alive connections for ``duration`` seconds."""
     if wrk_available():

@@ -116,8 +116,9 @@ class Service:
     def start(self, kind: str = "web") -> None:
         log = open(self.workdir / f"service-{self.port}.log", "ab")  # noqa: SIM115 - child's stderr
         self.processes.append(
-            subprocess.Popen(procfile(kind), cwd=ROOT, env=self.env, stdout=log, stderr=log,
-                             start_new_session=True)
+            subprocess.Popen(
+                procfile(kind), cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
         )
         if kind == "web":
             wait_until(self.healthy, timeout=30, interval=0.05)
@@ -129,8 +130,9 @@ class Service:
             return False
 
     def status(self, request_id: str) -> dict[str, Any]:
-        reply = requests.get(f"http://127.0.0.1:{self.port}/v1/chat/completions/{request_id}",
-                             headers=HEADERS, timeout=10)
+        reply = requests.get(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions/{request_id}", headers=HEADERS, timeout=10
+        )
         return dict(reply.json())
 
     def worker_pid(self) -> int | None:
@@ -195,8 +197,11 @@ class Bench:
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
-        print(f"  {figure.name}: {figure.value:.4g} {figure.unit}"
-              + (f"  (ratio {figure.ratio:.2f})" if figure.ratio is not None else ""), flush=True)
+        print(
+            f"  {figure.name}: {figure.value:.4g} {figure.unit}"
+            + (f"  (ratio {figure.ratio:.2f})" if figure.ratio is not None else ""),
+            flush=True,
+        )
 
     def upstream_stats(self) -> dict[str, Any]:
         return dict(requests.get(f"http://127.0.0.1:{self.upstream_port}/_stats", timeout=5).json())
@@ -208,8 +213,9 @@ class Bench:
         return Service(upstream_port=self.upstream_port, workdir=self.workdir, env_extra=env)
 
     def drive(self, port: int, method: str, path: str, payload: bytes = b"", expect: int = 200) -> LoadResult:
-        return load(port, method, path, HEADERS, payload, concurrency=32, duration=self.duration,
-                    expect=expect)
+        return load(
+            port, method, path, HEADERS, payload, concurrency=32, duration=self.duration, expect=expect
+        )
 
     # 1 and 2 --------------------------------------------------------------------------------
 
@@ -231,11 +237,20 @@ class Bench:
             submit = self.drive(service.port, "POST", "/v1/chat/completions", body("load"), 202)
             stored = service.queued_rows() - rows_before
             ratio = submit.rate / ceiling_submit.rate
-            self.add(Figure("submit throughput", submit.rate, "req/s", ceiling_submit.rate, ratio, ">= 0.25",
-                            ratio >= 0.25 and submit.bad == 0 and stored >= submit.requests,
-                            f"p50 {submit.p50_ms:.2f} ms, p99 {submit.p99_ms:.2f} ms; ceiling p50 "
-                            f"{ceiling_submit.p50_ms:.2f} ms; {submit.bad} non-202; {stored} rows stored "
-                            f"for {submit.requests} counted 202s; client {submit.tool}"))
+            self.add(
+                Figure(
+                    "submit throughput",
+                    submit.rate,
+                    "req/s",
+                    ceiling_submit.rate,
+                    ratio,
+                    ">= 0.25",
+                    ratio >= 0.25 and submit.bad == 0 and stored >= submit.requests,
+                    f"p50 {submit.p50_ms:.2f} ms, p99 {submit.p99_ms:.2f} ms; ceiling p50 "
+                    f"{ceiling_submit.p50_ms:.2f} ms; {submit.bad} non-202; {stored} rows stored "
+                    f"for {submit.requests} counted 202s; client {submit.tool}",
+                )
+            )
 
             deep_id = submit_many(service.port, [body("deep")], HEADERS, concurrency=1)[0][0]
             depth = service.status(deep_id).get("queue_position", 0)
@@ -246,8 +261,18 @@ class Bench:
                 note = f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms; {result.bad} non-200"
                 if "pending" in label:
                     note += f"; queue_position {depth}"
-                self.add(Figure(label + " throughput", result.rate, "req/s", ceiling_status.rate, ratio,
-                                ">= 0.60", ratio >= 0.60 and result.bad == 0, note))
+                self.add(
+                    Figure(
+                        label + " throughput",
+                        result.rate,
+                        "req/s",
+                        ceiling_status.rate,
+                        ratio,
+                        ">= 0.60",
+                        ratio >= 0.60 and result.bad == 0,
+                        note,
+                    )
+                )
         finally:
             service.stop()
 
@@ -287,15 +312,24 @@ class Bench:
         self.reset_upstream()
         try:
             started = time.time()
-            ids = submit_many(service.port, [body(f"slot-{i}", delay=0.5) for i in range(total)], HEADERS,
-                              concurrency=32)
+            ids = submit_many(
+                service.port, [body(f"slot-{i}", delay=0.5) for i in range(total)], HEADERS, concurrency=32
+            )
             wait_until(lambda: service.unfinished() == 0, timeout=120, interval=0.05)
             finished = max(service.status(rid)["timestamp"] for rid, _ in ids) / 1000
             ideal = (total / 50) * 0.5
             efficiency = ideal / (finished - started)
             peak = self.upstream_stats()["peak"]
-            self.add(Figure("slot efficiency", efficiency, "", target=">= 0.97", met=efficiency >= 0.97,
-                            note=f"makespan {finished - started:.2f} s, ideal {ideal:.2f} s"))
+            self.add(
+                Figure(
+                    "slot efficiency",
+                    efficiency,
+                    "",
+                    target=">= 0.97",
+                    met=efficiency >= 0.97,
+                    note=f"makespan {finished - started:.2f} s, ideal {ideal:.2f} s",
+                )
+            )
             self.add(Figure("peak upstream concurrency", peak, "", target="== 50", met=peak == 50))
         finally:
             service.stop()
@@ -341,14 +375,36 @@ class Bench:
             (web_a, worker_a), (web_b, worker_b) = marks[first], marks[last]
             rss_growth = max(web_b[0] - web_a[0], worker_b[0] - worker_a[0])
             fd_growth = max(web_b[1] - web_a[1], worker_b[1] - worker_a[1])
-            self.add(Figure("RSS growth", rss_growth, "MB", target="<= 20", met=rss_growth <= 20,
-                            note=f"web {web_a[0]:.0f} -> {web_b[0]:.0f} MB, worker {worker_a[0]:.0f} -> "
-                                 f"{worker_b[0]:.0f} MB"))
-            self.add(Figure("open fd growth", fd_growth, "", target="== 0", met=fd_growth <= 0,
-                            note=f"web {web_a[1]} -> {web_b[1]}, worker {worker_a[1]} -> {worker_b[1]}"))
+            self.add(
+                Figure(
+                    "RSS growth",
+                    rss_growth,
+                    "MB",
+                    target="<= 20",
+                    met=rss_growth <= 20,
+                    note=f"web {web_a[0]:.0f} -> {web_b[0]:.0f} MB, worker {worker_a[0]:.0f} -> "
+                    f"{worker_b[0]:.0f} MB",
+                )
+            )
+            self.add(
+                Figure(
+                    "open fd growth",
+                    fd_growth,
+                    "",
+                    target="== 0",
+                    met=fd_growth <= 0,
+                    note=f"web {web_a[1]} -> {web_b[1]}, worker {worker_a[1]} -> {worker_b[1]}",
+                )
+            )
             time.sleep(6)  # past RESULT_TTL
-            self.add(Figure("DATA_DIR after expiry", dir_size_mb(service.data_dir), "MB",
-                            note=f"after {last} requests"))
+            self.add(
+                Figure(
+                    "DATA_DIR after expiry",
+                    dir_size_mb(service.data_dir),
+                    "MB",
+                    note=f"after {last} requests",
+                )
+            )
         finally:
             service.stop()
 
@@ -377,7 +433,9 @@ def table(figures: list[Figure]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds: small counts, short phases")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -392,12 +450,17 @@ def main() -> int:
     print()
     print(table(bench.figures))
     if args.json:
-        args.json.write_text(json.dumps({
-            "machine": machine(),
-            "quick": args.quick,
-            "client": "wrk" if wrk_available() else "gevent",
-            "figures": [f.__dict__ for f in bench.figures],
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "quick": args.quick,
+                    "client": "wrk" if wrk_available() else "gevent",
+                    "figures": [f.__dict__ for f in bench.figures],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

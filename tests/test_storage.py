@@ -47,6 +47,22 @@ class JobQueueContract:
         assert [queue.position(t) for t in tickets[1:]] == [1, 2, 3]
         assert queue.position(10_000) is None
 
+    def test_positions_and_counts_stay_exact_through_every_transition(self, queue: JobQueue) -> None:
+        tickets = [queue.put(job(i)) for i in range(12)]
+        claims = [queue.claim() for _ in range(4)]
+        assert all(c is not None for c in claims)
+        queue.ack(claims[0].ticket)  # type: ignore[union-attr]
+        queue.release(claims[2].ticket)  # type: ignore[union-attr]
+        waiting = [tickets[2], *tickets[4:]]
+        assert queue.waiting() == len(waiting) and queue.in_flight() == 2
+        # Near either end of the line, the place is the same as counting by hand.
+        assert [queue.position(t) for t in waiting] == list(range(1, len(waiting) + 1))
+        assert queue.position(tickets[1]) is None and queue.position(tickets[0]) is None
+        assert queue.recover() == 2
+        assert queue.waiting() == len(waiting) + 2 and queue.in_flight() == 0
+        queue.compact()
+        assert queue.waiting() == len(waiting) + 2
+
     def test_release_puts_a_job_back_at_its_place(self, queue: JobQueue) -> None:
         for i in range(3):
             queue.put(job(i))
