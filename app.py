@@ -88,6 +88,16 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
         chunks.append(chunk)
 
 
+def pending_entry(job: Job) -> dict[str, Any]:
+    return {
+        "status": Status.PENDING.value,
+        "request": job.body,
+        "owner": job.owner,
+        "timestamp": job.submitted_at,
+        "attempts": 0,
+    }
+
+
 def create_app(
     *,
     queue: JobQueue,
@@ -154,7 +164,7 @@ def create_app(
                 detail = {"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}
                 return error_response(400, "Invalid request body", "validation_error", details=[detail])
         request_id = new_request_id()
-        job = Job(request_id=request_id, body=body, owner=owner)
+        job = Job(request_id=request_id, body=body, owner=owner, submitted_at=now_ms())
         try:
             if queue.counts()[0] >= settings.max_queue:
                 return error_response(
@@ -163,23 +173,9 @@ def create_app(
                     "queue_full",
                     headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
                 )
-            ticket = queue.put(job)
+            queue.put(job)
         except StorageUnavailable as exc:
             return unavailable(exc)
-        # Stored only if the worker has not already written a newer status for this id.
-        pending = {
-            "status": Status.PENDING.value,
-            "request": body,
-            "owner": owner,
-            "timestamp": now_ms(),
-            "ticket": ticket,
-            "attempts": 0,
-        }
-        try:
-            statuses.create(request_id, pending)
-        except StorageUnavailable as exc:
-            # The job itself is durable; the worker writes its status when it claims it.
-            log.warning("request %s queued but its pending status was not stored: %s", request_id, exc)
         notify()
         try:
             # Ours is the newest waiting job (puts in this process do not interleave unless a locked
@@ -207,19 +203,20 @@ def create_app(
         if not REQUEST_ID.match(request_id):
             return not_found
         try:
+            # The worker writes a status from its first attempt on; until then the queue has it.
             entry = statuses.get(request_id)
+            queued = queue.find(request_id) if entry is None or entry["status"] == "pending" else None
+            if entry is None and queued is not None:
+                entry = pending_entry(queued.job)
+            if entry is None or entry.get("owner") != owner:
+                return not_found
+            body: dict[str, Any] = {"request_id": request_id}
+            body.update({k: entry[k] for k in _PUBLIC_FIELDS if k in entry})
+            if entry["status"] == Status.PENDING.value:
+                # None: the worker is taking it right now.
+                body["queue_position"] = (queue.position(queued.ticket) if queued else None) or 0
         except StorageUnavailable as exc:
             return unavailable(exc)
-        if entry is None or entry.get("owner") != owner:
-            return not_found
-        body: dict[str, Any] = {"request_id": request_id}
-        body.update({k: entry[k] for k in _PUBLIC_FIELDS if k in entry})
-        if entry["status"] == Status.PENDING.value:
-            try:
-                ticket = entry.get("ticket")
-                body["queue_position"] = (queue.position(ticket) or 0) if ticket else 0
-            except StorageUnavailable:
-                body["queue_position"] = 0
         return json_response(200, body)
 
     def error_page(error: HTTPError) -> str:

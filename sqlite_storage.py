@@ -17,14 +17,16 @@ Pitfalls handled here (see shared notes, measured on this stack):
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import diskcache
 import gevent
+import gevent.event
 import persistqueue
 import persistqueue.serializers.json as json_serializer
 from gevent import monkey
@@ -67,6 +69,19 @@ def _retrying(what: str, action: Callable[[], T], patience: float) -> T:
         pause = min(pause * 2, 0.1)
 
 
+@contextlib.contextmanager
+def _immediate(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction on an autocommit connection: committed, or rolled back on any error."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 def _bucket(row: str) -> str:
     return (
         f"CASE WHEN {row}.status < {_IN_FLIGHT} THEN 'waiting'"
@@ -94,7 +109,62 @@ END;
 CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_delete AFTER DELETE ON {_TABLE} BEGIN
     UPDATE {_TABLE}_counts SET n = n - 1 WHERE name = {_bucket("OLD")};
 END;
+CREATE TABLE IF NOT EXISTS {_TABLE}_ids (request_id TEXT PRIMARY KEY, ticket INTEGER NOT NULL)
+    WITHOUT ROWID;
 """
+# Rows in persist-queue's own format (json serializer, status 0 = inited), so its get/ack/nack
+# and resume work on them unchanged.
+_INSERT_JOB = f"INSERT INTO {_TABLE} (data, timestamp, status) VALUES (?, ?, 0)"
+_INSERT_ID = f"INSERT OR REPLACE INTO {_TABLE}_ids (request_id, ticket) VALUES (?, ?)"
+
+
+class _GroupCommit:
+    """Puts from concurrent greenlets share one transaction, so one fsync covers a whole batch.
+
+    The first caller leads: it yields once, letting handlers that are ready add their jobs, then
+    commits the batch and hands every caller its ticket. A put still returns only once its job is
+    on disk (synchronous=FULL).
+    """
+
+    def __init__(self, connection: sqlite3.Connection, patience: float) -> None:
+        self._connection = connection
+        self._patience = patience
+        self._batch: list[tuple[bytes, str, gevent.event.AsyncResult]] = []
+        self._leading = False
+
+    def put(self, data: bytes, request_id: str) -> int:
+        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self._batch.append((data, request_id, result))
+        if not self._leading:
+            self._leading = True
+            try:
+                gevent.sleep(0)
+                while self._batch:
+                    batch, self._batch = self._batch, []
+                    self._commit(batch)
+            finally:
+                self._leading = False
+        return int(result.get())
+
+    def _commit(self, batch: list[tuple[bytes, str, gevent.event.AsyncResult]]) -> None:
+        def write() -> list[int]:
+            tickets = []
+            now = time.time()
+            with _immediate(self._connection) as connection:
+                for data, request_id, _ in batch:
+                    ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
+                    connection.execute(_INSERT_ID, (request_id, ticket))
+                    tickets.append(ticket)
+            return tickets
+
+        try:
+            tickets = _retrying("cannot store the job", write, self._patience)
+        except StorageUnavailable as exc:
+            for _, _, result in batch:
+                result.set_exception(exc)
+            return
+        for (_, _, result), ticket in zip(batch, tickets, strict=True):
+            result.set(ticket)
 
 
 class PersistJobQueue(JobQueue):
@@ -118,17 +188,30 @@ class PersistJobQueue(JobQueue):
             finally:
                 if self._reader.in_transaction:
                     self._reader.execute("ROLLBACK")
-            for connection in (self._queue._conn, self._reader):
+            self._writer = sqlite3.connect(str(directory / "data.db"), isolation_level=None)
+            for connection in (self._queue._conn, self._reader, self._writer):
                 connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
+            self._writer.execute("PRAGMA synchronous = FULL")
+            self._group = _GroupCommit(self._writer, patience)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 
     def put(self, job: Job) -> int:
-        data = job.to_dict()
-        ticket = _retrying("cannot store the job", lambda: self._queue.put(data), self._patience)
-        if ticket is None:  # pragma: no cover - persist-queue returns lastrowid for SQLite
-            raise StorageUnavailable("the queue did not return a row id")
-        return int(ticket)
+        return self._group.put(json_serializer.dumps(job.to_dict()), job.request_id)
+
+    def find(self, request_id: str) -> Claim | None:
+        row = _retrying(
+            "cannot read the job queue",
+            lambda: self._reader.execute(
+                f"SELECT t._id, t.data FROM {_TABLE}_ids AS i JOIN {_TABLE} AS t ON t._id = i.ticket"
+                f" WHERE i.request_id = ? AND t.status < {_ACKED}",
+                (request_id,),
+            ).fetchone(),
+            self._patience,
+        )
+        if row is None:
+            return None
+        return Claim(ticket=int(row[0]), job=Job.from_dict(json_serializer.loads(row[1])))
 
     def claim(self) -> Claim | None:
         def take() -> Any:
@@ -192,11 +275,17 @@ class PersistJobQueue(JobQueue):
 
     def compact(self) -> int:
         def delete() -> int:
-            return int(self._reader.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount)
+            with _immediate(self._reader) as connection:
+                connection.execute(
+                    f"DELETE FROM {_TABLE}_ids WHERE ticket IN (SELECT _id FROM {_TABLE} WHERE status = ?)",
+                    (_ACKED,),
+                )
+                return int(connection.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount)
 
         return _retrying("cannot compact the job queue", delete, self._patience)
 
     def close(self) -> None:
+        self._writer.close()
         self._reader.close()
         self._queue.close()
 
@@ -218,11 +307,6 @@ class DiskcacheStatusStore(StatusStore):
         self._cache.close()
         self._cache._local = monkey.get_original("_thread", "_local")()
         self._cache._timeout = BUSY_WAIT
-
-    def create(self, request_id: str, entry: dict[str, Any]) -> bool:
-        return bool(
-            _retrying("cannot store status", lambda: self._cache.add(request_id, entry), self._patience)
-        )
 
     def put(self, request_id: str, entry: dict[str, Any], ttl: float | None = None) -> None:
         _retrying(

@@ -41,13 +41,25 @@ class Job:
     """The client's body exactly as sent (webhookUrl included)."""
     owner: str
     """A digest of the API key that submitted it (never the key itself)."""
+    submitted_at: int = 0
+    """Milliseconds since the epoch."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "body": self.body, "owner": self.owner}
+        return {
+            "request_id": self.request_id,
+            "body": self.body,
+            "owner": self.owner,
+            "submitted_at": self.submitted_at,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
-        return cls(request_id=data["request_id"], body=data["body"], owner=data["owner"])
+        return cls(
+            request_id=data["request_id"],
+            body=data["body"],
+            owner=data["owner"],
+            submitted_at=int(data.get("submitted_at", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ class JobQueue:
 
         Raises StorageUnavailable when it could not be stored.
         """
+        raise NotImplementedError
+
+    def find(self, request_id: str) -> Claim | None:
+        """The job with this id while it is not finished (waiting or in flight), with its ticket."""
         raise NotImplementedError
 
     def claim(self) -> Claim | None:
@@ -107,10 +123,6 @@ class JobQueue:
 
 class StatusStore:
     """Status entries keyed by request id. Entries without a ttl never expire nor get evicted."""
-
-    def create(self, request_id: str, entry: dict[str, Any]) -> bool:
-        """Store the entry only if none exists; True if stored."""
-        raise NotImplementedError
 
     def put(self, request_id: str, entry: dict[str, Any], ttl: float | None = None) -> None:
         """Store (replace) the entry; with a ttl it disappears that many seconds from now."""

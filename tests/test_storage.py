@@ -33,6 +33,26 @@ class JobQueueContract:
         second = queue.claim()
         assert second is not None and second.job == job(1)
 
+    def test_find_by_request_id_until_finished(self, queue: JobQueue) -> None:
+        tickets = [queue.put(job(i)) for i in range(2)]
+        found = queue.find(job(1).request_id)
+        assert found is not None and found.ticket == tickets[1] and found.job == job(1)
+        claim = queue.claim()
+        assert claim is not None
+        assert queue.find(job(0).request_id) is not None  # in flight: still found
+        queue.ack(claim.ticket)
+        assert queue.find(job(0).request_id) is None
+        queue.compact()
+        assert queue.find(job(0).request_id) is None and queue.find("chatreq_unknown") is None
+
+    def test_concurrent_puts_all_land_in_order(self, queue: JobQueue) -> None:
+        greenlets = [gevent.spawn(queue.put, job(i)) for i in range(50)]
+        gevent.joinall(greenlets, raise_error=True)
+        tickets = [g.value for g in greenlets]
+        assert len(set(tickets)) == 50 and queue.waiting() == 50
+        claimed = [queue.claim() for _ in range(50)]
+        assert [c.job.request_id for c in claimed if c] == [job(i).request_id for i in range(50)]
+
     def test_claim_on_empty_returns_none_at_once(self, queue: JobQueue) -> None:
         started = time.monotonic()
         assert queue.claim() is None
@@ -126,11 +146,10 @@ class StatusStoreContract:
     def store(self) -> Iterator[StatusStore]:
         raise NotImplementedError
 
-    def test_create_only_if_absent(self, store: StatusStore) -> None:
-        assert store.create("a", {"status": "pending"})
+    def test_put_replaces_and_get_misses(self, store: StatusStore) -> None:
         store.put("a", {"status": "processing"})
-        assert not store.create("a", {"status": "pending"})
-        assert store.get("a") == {"status": "processing"}
+        store.put("a", {"status": "completed"}, ttl=60)
+        assert store.get("a") == {"status": "completed"}
         assert store.get("missing") is None
 
     def test_ttl_expires_entries_and_none_keeps_them(self, store: StatusStore) -> None:

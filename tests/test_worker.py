@@ -78,8 +78,7 @@ class Rig:
 
     def submit(self, rid: str) -> Job:
         job = Job(request_id=rid, body=body(rid), owner="o")
-        ticket = self.queue.put(job)
-        self.statuses.create(rid, status_entry(job, Status.PENDING, ticket=ticket, attempts=0))
+        self.queue.put(job)
         return job
 
     def start(self) -> None:
