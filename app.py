@@ -34,6 +34,7 @@ from http_errors import (
 )
 from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from validation import BodyError, parse_chat_completion
+from views import status_json
 from webhook_safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
@@ -42,7 +43,6 @@ OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
-_PUBLIC_FIELDS = ("status", "request", "timestamp", "response", "error", "attempts", "webhook")
 
 
 class BodyTooLarge(Exception):
@@ -91,7 +91,7 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
 def pending_entry(job: Job) -> dict[str, Any]:
     return {
         "status": Status.PENDING.value,
-        "request": job.body,
+        "request_json": job.body_json(),
         "owner": job.owner,
         "timestamp": job.submitted_at,
         "attempts": 0,
@@ -122,6 +122,9 @@ def create_app(
                 headers={"WWW-Authenticate": 'Bearer realm="llm-proxy"'},
             )
         return owner
+
+    def not_found() -> HTTPResponse:
+        return error_response(404, "Request not found", "request_not_found")
 
     def unavailable(exc: StorageUnavailable) -> HTTPResponse:
         log.error("storage unavailable: %s", exc)
@@ -199,9 +202,8 @@ def create_app(
         owner = authenticate()
         if isinstance(owner, HTTPResponse):
             return owner
-        not_found = error_response(404, "Request not found", "request_not_found")
         if not REQUEST_ID.match(request_id):
-            return not_found
+            return not_found()
         try:
             # The worker writes a status from its first attempt on; until then the queue has it.
             entry = statuses.get(request_id)
@@ -209,15 +211,16 @@ def create_app(
             if entry is None and queued is not None:
                 entry = pending_entry(queued.job)
             if entry is None or entry.get("owner") != owner:
-                return not_found
-            body: dict[str, Any] = {"request_id": request_id}
-            body.update({k: entry[k] for k in _PUBLIC_FIELDS if k in entry})
+                return not_found()
+            position = None
             if entry["status"] == Status.PENDING.value:
                 # None: the worker is taking it right now.
-                body["queue_position"] = (queue.position(queued.ticket) if queued else None) or 0
+                position = (queue.position(queued.ticket) if queued else None) or 0
         except StorageUnavailable as exc:
             return unavailable(exc)
-        return json_response(200, body)
+        reply = HTTPResponse(body=status_json(request_id, entry, position), status=200)
+        reply.content_type = "application/json"
+        return reply
 
     def error_page(error: HTTPError) -> str:
         if error.status_code == 404:

@@ -7,6 +7,7 @@ new pair of subclasses run against the same test suite (``tests/test_storage.py`
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -43,6 +44,9 @@ class Job:
     """A digest of the API key that submitted it (never the key itself)."""
     submitted_at: int = 0
     """Milliseconds since the epoch."""
+
+    def body_json(self) -> str:
+        return json.dumps(self.body)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,8 @@ _MAX_MESSAGE = 500
 
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    response: dict[str, Any] | None = None
+    response_json: str | None = None
+    """The upstream's chat.completion exactly as it sent it (checked to be a JSON object)."""
     error: dict[str, Any] = field(default_factory=dict)
     """``{"message", "type", ...}`` when the call failed."""
     retryable: bool = False
@@ -36,7 +37,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.response is not None
+        return self.response_json is not None
 
 
 def forwarded_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -100,10 +101,24 @@ def _upstream_error(payload: Any, fallback: str) -> tuple[str, str | None, str |
     return fallback, None, None
 
 
-def classify_response(status: int, payload: Any, headers: Any) -> Outcome:
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> tuple[str | None, Any]:
+    """(text, value) of a strict JSON body; (None, None) if it is not one."""
+    try:
+        text = raw.decode("utf-8")
+        return text, json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None, None
+
+
+def classify_response(status: int, raw: bytes, headers: Any) -> Outcome:
+    text, payload = parse_json(raw)
     if 200 <= status < 300:
         if isinstance(payload, dict):
-            return Outcome(response=payload)
+            return Outcome(response_json=text)
         return Outcome(
             error={
                 "message": "the upstream answered with a body that is not a JSON object",
@@ -162,11 +177,7 @@ class UpstreamClient:
                 timeout=(min(10.0, self._timeout), self._timeout),
                 allow_redirects=False,
             )
-            try:
-                payload: Any = reply.json()
-            except ValueError:
-                payload = None
-            return classify_response(reply.status_code, payload, reply.headers)
+            return classify_response(reply.status_code, reply.content, reply.headers)
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise

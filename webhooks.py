@@ -9,7 +9,6 @@ written to the status entry's ``webhook`` object, where users can see why a webh
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -58,13 +57,6 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
-
-
-def payload_for(request_id: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """The seed's webhook payloads."""
-    if entry["status"] == "completed":
-        return {"request_id": request_id, "status": "completed", "response": entry.get("response")}
-    return {"request_id": request_id, "status": entry["status"], "error": entry.get("error")}
 
 
 def retry_delay(failures: int, base: float, retry_after: float | None, rand: random.Random) -> float | None:
@@ -199,9 +191,9 @@ class WebhookDeliverer:
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
 
-    def enqueue(self, request_id: str, owner: str, url: str, payload: dict[str, Any]) -> None:
-        """Owe a delivery (durably; raises StorageUnavailable if it could not be recorded)."""
-        body = json.dumps(payload)
+    def enqueue(self, request_id: str, owner: str, url: str, payload: str) -> None:
+        """Owe a delivery of this JSON (durably; raises StorageUnavailable if it could not be recorded)."""
+        body = payload
         job = Job(
             request_id=request_id,
             owner=owner,

@@ -29,7 +29,8 @@ import gevent.pool
 from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from supervisor import EXIT_LOCKED
 from upstream import Outcome, backoff_delay
-from webhooks import WebhookDeliverer, WebhookSender, payload_for
+from views import webhook_json
+from webhooks import WebhookDeliverer, WebhookSender
 
 log = logging.getLogger("llm_proxy.worker")
 
@@ -44,7 +45,7 @@ class Upstream(Protocol):
 
 
 class WebhookOutbox(Protocol):
-    def enqueue(self, request_id: str, owner: str, url: str, payload: dict[str, Any]) -> None: ...
+    def enqueue(self, request_id: str, owner: str, url: str, payload: str) -> None: ...
 
 
 class Waker(Protocol):
@@ -68,7 +69,7 @@ class WorkerSettings:
 def status_entry(job: Job, status: Status, **fields: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "status": status.value,
-        "request": job.body,
+        "request_json": job.body_json(),
         "owner": job.owner,
         "timestamp": now_ms(),
     }
@@ -246,7 +247,7 @@ class Worker:
                 self._statuses.put(job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1))
                 raise
             if outcome.ok:
-                self._finish(claim, Status.COMPLETED, response=outcome.response, attempts=attempts)
+                self._finish(claim, Status.COMPLETED, response_json=outcome.response_json, attempts=attempts)
                 return
             if not outcome.retryable or attempts >= allowed:
                 self._finish(claim, Status.ERROR, error={**outcome.error, "attempts": attempts})
@@ -284,7 +285,7 @@ class Worker:
     def _owe_webhook(self, job: Job, entry: dict[str, Any]) -> None:
         if self._webhooks is not None:
             self._webhooks.enqueue(
-                job.request_id, job.owner, str(job.body["webhookUrl"]), payload_for(job.request_id, entry)
+                job.request_id, job.owner, str(job.body["webhookUrl"]), webhook_json(job.request_id, entry)
             )
 
     def _put_back(self, claim: Claim) -> None:

@@ -408,12 +408,14 @@ class Bench:
         finally:
             service.stop()
 
-    def run(self) -> None:
-        self.submit_and_status()
-        self.dispatch_latency()
-        self.slot_efficiency()
-        self.worker_capacity()
-        self.footprint()
+    def phases(self) -> dict[str, Callable[[], None]]:
+        return {
+            "submit": self.submit_and_status,
+            "dispatch": self.dispatch_latency,
+            "slots": self.slot_efficiency,
+            "capacity": self.worker_capacity,
+            "footprint": self.footprint,
+        }
 
 
 def machine() -> str:
@@ -438,12 +440,24 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds: small counts, short phases")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated phases: submit (with status), "
+        "dispatch, slots, capacity, footprint; all by default",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
     print(f"benchmark on {machine()}; client: {'wrk' if wrk_available() else 'gevent'}", flush=True)
     bench = Bench(args.quick, workdir)
+    phases = bench.phases()
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(phases)
+    unknown = set(chosen) - set(phases)
+    if unknown:
+        parser.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     try:
-        bench.run()
+        for name in chosen:
+            phases[name]()
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -121,7 +121,7 @@ def test_status_shapes_for_each_state(h: Harness) -> None:
     assert isinstance(claim, Claim)
     h.statuses.put(
         rid,
-        status_entry(claim.job, Status.COMPLETED, response={"id": "x", "choices": []}, attempts=1),
+        status_entry(claim.job, Status.COMPLETED, response_json='{"id": "x", "choices": []}', attempts=1),
         ttl=60,
     )
     completed = h.get(rid).json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from email.utils import formatdate
@@ -26,8 +27,16 @@ def client(base_url: str, timeout: float = 5.0, key: str | None = "sk-up-0000") 
 
 def test_success_returns_the_upstream_json(fake_upstream: FakeUpstream) -> None:
     outcome = client(fake_upstream.base_url).complete(body("ping"))
-    assert outcome.ok and outcome.response is not None
-    assert outcome.response["choices"][0]["message"]["content"] == "echo: ping"
+    assert outcome.ok and outcome.response_json is not None
+    assert json.loads(outcome.response_json)["choices"][0]["message"]["content"] == "echo: ping"
+
+
+def test_success_json_is_kept_as_sent_and_must_be_strict() -> None:
+    raw = b'{"id":  "x",\n "choices": []}'
+    assert classify_response(200, raw, {}).response_json == raw.decode()
+    for bad in [b'{"x": NaN}', b"[1]", b"\xff", b"not json"]:
+        outcome = classify_response(200, bad, {})
+        assert not outcome.ok and outcome.retryable
 
 
 @pytest.mark.parametrize(
@@ -119,5 +128,5 @@ def test_backoff_honours_a_usable_retry_after() -> None:
 
 
 def test_classify_429_insufficient_quota_by_type_too() -> None:
-    outcome = classify_response(429, {"error": {"message": "no", "type": "insufficient_quota"}}, {})
+    outcome = classify_response(429, b'{"error": {"message": "no", "type": "insufficient_quota"}}', {})
     assert not outcome.retryable

@@ -17,7 +17,7 @@ from storage import Job, JobQueue, Status, StatusStore
 from upstream import Outcome
 from worker import Worker, WorkerSettings, status_entry
 
-OK = Outcome(response={"object": "chat.completion", "choices": []})
+OK = Outcome(response_json='{"object": "chat.completion", "choices": []}')
 
 
 def fail(retryable: bool = True, retry_after: float | None = None) -> Outcome:
@@ -108,7 +108,7 @@ def test_completes_and_acks(rig: Rig) -> None:
     rig.start()
     entry = rig.final("a")
     assert entry["status"] == "completed" and entry["attempts"] == 1
-    assert entry["response"] == OK.response
+    assert entry["response_json"] == OK.response_json
     wait_until(lambda: rig.queue.in_flight() == 0 and rig.queue.waiting() == 0)
 
 
@@ -174,11 +174,11 @@ def test_a_request_in_backoff_keeps_its_slot(tmp_path: Path) -> None:
 
 def test_redelivered_job_with_a_final_status_is_only_acked(rig: Rig) -> None:
     job = rig.submit("a")
-    rig.statuses.put("a", status_entry(job, Status.COMPLETED, response={"x": 1}, attempts=1), ttl=60)
+    rig.statuses.put("a", status_entry(job, Status.COMPLETED, response_json='{"x": 1}', attempts=1), ttl=60)
     rig.start()
     wait_until(lambda: rig.queue.waiting() == 0 and rig.queue.in_flight() == 0)
     assert rig.upstream.calls == []
-    assert rig.statuses.get("a")["response"] == {"x": 1}  # type: ignore[index]
+    assert rig.statuses.get("a")["response_json"] == '{"x": 1}'  # type: ignore[index]
 
 
 def test_a_request_that_keeps_crashing_the_worker_ends_as_error(rig: Rig) -> None:
