@@ -13,7 +13,7 @@ from typing import Any
 
 import gevent
 import gevent.event
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from app import ApiSettings, create_app
 from auth import KeyChecker, generated_key
@@ -74,6 +74,23 @@ def make_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
+class QuietHandler(WSGIHandler):  # type: ignore[misc]
+    """No access log: pywsgi formats each line even when it has nowhere to write it."""
+
+    def log_request(self) -> None:
+        pass
+
+
+def make_server(listener: socket.socket, app: WSGIApp) -> WSGIServer:
+    return WSGIServer(
+        listener,
+        app,
+        log=None,
+        error_log=logging.getLogger("llm_proxy.pywsgi"),
+        handler_class=QuietHandler,
+    )
+
+
 def run_web() -> int:
     try:
         config = load_from_process_env()
@@ -92,7 +109,7 @@ def run_web() -> int:
     except OSError as exc:
         print(f"llm-proxy: cannot listen on {host}:{config.port}: {exc}", file=sys.stderr)
         return 1
-    server = WSGIServer(listener, app, log=None, error_log=logging.getLogger("llm_proxy.pywsgi"))
+    server = make_server(listener, app)
     supervisor: WorkerSupervisor | None = None
     if config.embedded_worker:
         supervisor = WorkerSupervisor(

@@ -112,6 +112,24 @@ END;
 CREATE TABLE IF NOT EXISTS {_TABLE}_ids (request_id TEXT PRIMARY KEY, ticket INTEGER NOT NULL)
     WITHOUT ROWID;
 """
+# A waiting job's place, counted from whichever end of the line is nearer: O(distance), not
+# O(backlog). One statement; CASE runs only the count it picks.
+_POSITION = f"""
+WITH e AS (SELECT
+    (SELECT status FROM {_TABLE} WHERE _id = :ticket) AS status,
+    (SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0
+                         UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1)) AS oldest,
+    (SELECT MAX(_id) FROM {_TABLE}) AS newest)
+SELECT CASE
+    WHEN e.status IS NULL OR e.status >= {_IN_FLIGHT} THEN NULL
+    WHEN :ticket - e.oldest <= e.newest - :ticket
+        THEN (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id <= :ticket)
+    ELSE (SELECT n FROM {_TABLE}_counts WHERE name = 'waiting')
+        - (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id > :ticket)
+    END
+FROM e
+"""
+
 # Rows in persist-queue's own format (json serializer, status 0 = inited), so its get/ack/nack
 # and resume work on them unchanged.
 _INSERT_JOB = f"INSERT INTO {_TABLE} (data, timestamp, status) VALUES (?, ?, 0)"
@@ -242,7 +260,7 @@ class PersistJobQueue(JobQueue):
         _retrying("cannot recover in-flight jobs", self._queue.resume_unack_tasks, self._patience)
         return count
 
-    def _scalar(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    def _scalar(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
         row = _retrying(
             "cannot read the job queue", lambda: self._reader.execute(sql, args).fetchone(), self._patience
         )
@@ -258,20 +276,8 @@ class PersistJobQueue(JobQueue):
         return int(found["waiting"]), int(found["in_flight"])
 
     def position(self, ticket: int) -> int | None:
-        status = self._scalar(f"SELECT status FROM {_TABLE} WHERE _id = ?", (ticket,))
-        if status is None or int(status) >= _IN_FLIGHT:
-            return None
-        oldest = self._scalar(
-            f"SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0"
-            f" UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1)"
-        )
-        newest = self._scalar(f"SELECT MAX(_id) FROM {_TABLE}")
-        # Count from whichever end of the waiting line is nearer: O(distance), not O(backlog).
-        if ticket - oldest <= newest - ticket:
-            ahead = f"SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id <= ?"
-            return int(self._scalar(ahead, (ticket,)))
-        behind = f"SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id > ?"
-        return self.waiting() - int(self._scalar(behind, (ticket,)))
+        value = self._scalar(_POSITION, {"ticket": ticket})
+        return None if value is None else int(value)
 
     def compact(self) -> int:
         def delete() -> int:

@@ -10,11 +10,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bottle import Bottle, HTTPResponse  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import make_listener  # noqa: E402
+from server import make_listener, make_server  # noqa: E402
 
 ACCEPTED = json.dumps(
     {"request_id": "chatreq_" + "x" * 24, "status": "pending", "queue_position": 1, "active_requests": 0}
@@ -42,7 +41,7 @@ def main() -> None:
         return HTTPResponse(body=STATUS, status=200, headers={"Content-Type": "application/json"})
 
     listener = make_listener("127.0.0.1", 0)
-    server = WSGIServer(listener, app, log=None)
+    server = make_server(listener, app)
     server.start()
     print(f"PORT {listener.getsockname()[1]}", flush=True)
     server.serve_forever()
