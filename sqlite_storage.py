@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import diskcache
 import gevent
@@ -30,11 +30,12 @@ import gevent.event
 import persistqueue
 import persistqueue.serializers.json as json_serializer
 from gevent import monkey
-from persistqueue.exceptions import Empty
 
 from storage import Claim, Job, JobQueue, StatusStore, StorageUnavailable
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
 
 OPEN_TIMEOUT = 10.0
 """SQLite busy wait while opening: web and worker may create the same tables at once."""
@@ -134,25 +135,38 @@ FROM e
 # and resume work on them unchanged.
 _INSERT_JOB = f"INSERT INTO {_TABLE} (data, timestamp, status) VALUES (?, ?, 0)"
 _INSERT_ID = f"INSERT OR REPLACE INTO {_TABLE}_ids (request_id, ticket) VALUES (?, ?)"
+# The oldest waiting jobs: start at the oldest waiting id (index) and walk the rowid order from
+# there, so acked rows not yet compacted away are never scanned (persist-queue's own get starts at
+# id 0 and slows down as they pile up).
+_CLAIM = f"""
+SELECT _id, data, status FROM {_TABLE} NOT INDEXED
+WHERE status < {_IN_FLIGHT} AND _id >= (
+    SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0
+                        UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1))
+ORDER BY _id LIMIT ?
+"""
+_MARK_CLAIMED = f"UPDATE {_TABLE} SET status = {_IN_FLIGHT} WHERE _id = ?"
+_ACK = f"UPDATE {_TABLE} SET status = {_ACKED} WHERE _id = ?"
 
 
-class _GroupCommit:
-    """Puts from concurrent greenlets share one transaction, so one fsync covers a whole batch.
+class _GroupCommit(Generic[I, R]):
+    """Calls from concurrent greenlets share one transaction, so one fsync covers a whole batch.
 
-    The first caller leads: it yields once, letting handlers that are ready add their jobs, then
-    commits the batch and hands every caller its ticket. A put still returns only once its job is
-    on disk (synchronous=FULL).
+    The first caller leads: it yields once, letting greenlets that are ready add their items, then
+    runs ``write`` on the batch and hands every caller its result. A call still returns only once
+    its item is committed (synchronous=FULL).
     """
 
-    def __init__(self, connection: sqlite3.Connection, patience: float) -> None:
-        self._connection = connection
+    def __init__(self, write: Callable[[list[I]], list[R]], what: str, patience: float) -> None:
+        self._write = write
+        self._what = what
         self._patience = patience
-        self._batch: list[tuple[bytes, str, gevent.event.AsyncResult]] = []
+        self._batch: list[tuple[I, gevent.event.AsyncResult]] = []
         self._leading = False
 
-    def put(self, data: bytes, request_id: str) -> int:
+    def __call__(self, item: I) -> R:
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        self._batch.append((data, request_id, result))
+        self._batch.append((item, result))
         if not self._leading:
             self._leading = True
             try:
@@ -162,27 +176,19 @@ class _GroupCommit:
                     self._commit(batch)
             finally:
                 self._leading = False
-        return int(result.get())
+        value: R = result.get()
+        return value
 
-    def _commit(self, batch: list[tuple[bytes, str, gevent.event.AsyncResult]]) -> None:
-        def write() -> list[int]:
-            tickets = []
-            now = time.time()
-            with _immediate(self._connection) as connection:
-                for data, request_id, _ in batch:
-                    ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
-                    connection.execute(_INSERT_ID, (request_id, ticket))
-                    tickets.append(ticket)
-            return tickets
-
+    def _commit(self, batch: list[tuple[I, gevent.event.AsyncResult]]) -> None:
+        items = [item for item, _ in batch]
         try:
-            tickets = _retrying("cannot store the job", write, self._patience)
+            values = _retrying(self._what, lambda: self._write(items), self._patience)
         except StorageUnavailable as exc:
-            for _, _, result in batch:
+            for _, result in batch:
                 result.set_exception(exc)
             return
-        for (_, _, result), ticket in zip(batch, tickets, strict=True):
-            result.set(ticket)
+        for (_, result), value in zip(batch, values, strict=True):
+            result.set(value)
 
 
 class PersistJobQueue(JobQueue):
@@ -210,12 +216,28 @@ class PersistJobQueue(JobQueue):
             for connection in (self._queue._conn, self._reader, self._writer):
                 connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
             self._writer.execute("PRAGMA synchronous = FULL")
-            self._group = _GroupCommit(self._writer, patience)
+            self._put = _GroupCommit(self._insert, "cannot store the job", patience)
+            self._ack = _GroupCommit(self._mark_acked, "cannot ack a job", patience)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 
     def put(self, job: Job) -> int:
-        return self._group.put(json_serializer.dumps(job.to_dict()), job.request_id)
+        return self._put((json_serializer.dumps(job.to_dict()), job.request_id))
+
+    def _insert(self, items: list[tuple[bytes, str]]) -> list[int]:
+        tickets = []
+        now = time.time()
+        with _immediate(self._writer) as connection:
+            for data, request_id in items:
+                ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
+                connection.execute(_INSERT_ID, (request_id, ticket))
+                tickets.append(ticket)
+        return tickets
+
+    def _mark_acked(self, tickets: list[int]) -> list[None]:
+        with _immediate(self._writer) as connection:
+            connection.executemany(_ACK, [(t,) for t in tickets])
+        return [None] * len(tickets)
 
     def find(self, request_id: str) -> Claim | None:
         row = _retrying(
@@ -231,22 +253,21 @@ class PersistJobQueue(JobQueue):
             return None
         return Claim(ticket=int(row[0]), job=Job.from_dict(json_serializer.loads(row[1])))
 
-    def claim(self) -> Claim | None:
-        def take() -> Any:
-            try:
-                return self._queue.get(block=False, raw=True)
-            except Empty:
-                return None
+    def claim_many(self, limit: int) -> list[Claim]:
+        def take() -> list[Any]:
+            with _immediate(self._writer) as connection:
+                rows = connection.execute(_CLAIM, (limit,)).fetchall()
+                connection.executemany(_MARK_CLAIMED, [(row[0],) for row in rows])
+            return list(rows)
 
-        raw = _retrying("cannot claim a job", take, self._patience)
-        if raw is None:
-            return None
-        # The ack cache inside persist-queue would keep every claimed item alive forever otherwise.
-        self._queue._unack_cache.pop(raw["pqid"], None)
-        return Claim(ticket=int(raw["pqid"]), job=Job.from_dict(raw["data"]))
+        rows = _retrying("cannot claim jobs", take, self._patience)
+        return [
+            Claim(ticket=int(t), job=Job.from_dict(json_serializer.loads(data)), fresh=int(status) == 0)
+            for t, data, status in rows
+        ]
 
     def ack(self, ticket: int) -> None:
-        self._mark(ticket, "ack")
+        self._ack(ticket)
 
     def release(self, ticket: int) -> None:
         self._mark(ticket, "nack")

@@ -70,6 +70,8 @@ class Job:
 class Claim:
     ticket: int
     job: Job
+    fresh: bool = False
+    """Never handed out before: no earlier attempt can have left a status behind."""
 
 
 class JobQueue:
@@ -86,12 +88,19 @@ class JobQueue:
         """The job with this id while it is not finished (waiting or in flight), with its ticket."""
         raise NotImplementedError
 
-    def claim(self) -> Claim | None:
-        """Take the oldest waiting job without blocking, marking it in flight; None if none wait."""
+    def claim_many(self, limit: int) -> list[Claim]:
+        """Take up to ``limit`` of the oldest waiting jobs without blocking, marking them in flight
+        (in one step: one commit for all)."""
         raise NotImplementedError
 
+    def claim(self) -> Claim | None:
+        """Take the oldest waiting job without blocking; None if none waits."""
+        claims = self.claim_many(1)
+        return claims[0] if claims else None
+
     def ack(self, ticket: int) -> None:
-        """The job reached a final state: it is never handed out again."""
+        """The job reached a final state: it is never handed out again. Concurrent acks may be
+        committed together."""
         raise NotImplementedError
 
     def release(self, ticket: int) -> None:

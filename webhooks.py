@@ -215,15 +215,16 @@ class WebhookDeliverer:
         while not self._stopping.is_set():
             self._nudged.clear()
             try:
-                claim = self._outbox.claim()
+                claims = self._outbox.claim_many(100)
             except StorageUnavailable as exc:
                 log.error("cannot read the webhook outbox, retrying in 1 s: %s", exc)
                 self._stopping.wait(1.0)
                 continue
-            if claim is None:
+            if not claims:
                 self._nudged.wait(self._poll_interval)
                 continue
-            self._group.spawn(self._deliver, claim)
+            for claim in claims:
+                self._group.spawn(self._deliver, claim)
 
     def _deliver(self, claim: Claim) -> None:
         request_id = claim.job.request_id

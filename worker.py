@@ -149,15 +149,17 @@ class Worker:
                 continue
             self._nudged.clear()
             try:
-                claim = self._queue.claim()
+                # As many as there are free slots, in one commit.
+                claims = self._queue.claim_many(self._pool.free_count())
             except StorageUnavailable as exc:
                 log.error("cannot claim work, retrying in 1 s: %s", exc)
                 self._stopping.wait(1.0)
                 continue
-            if claim is None:
+            if not claims:
                 self._nudged.wait(self._poll_interval)
                 continue
-            self._pool.spawn(self._run_job, claim)
+            for claim in claims:
+                self._pool.spawn(self._run_job, claim)
 
     def _maintain(self, task: Callable[[], int]) -> None:
         try:
@@ -214,7 +216,8 @@ class Worker:
 
     def _process(self, claim: Claim) -> None:
         job = claim.job
-        entry = self._statuses.get(job.request_id)
+        # A job handed out for the first time cannot have a status yet.
+        entry = None if claim.fresh else self._statuses.get(job.request_id)
         if entry is not None and Status(entry["status"]).final:
             # Delivered again after its final status was stored: the webhook may still be owed
             # (a duplicate in the outbox is dropped by the deliverer), and the ack was missing.

@@ -174,6 +174,8 @@ def test_a_request_in_backoff_keeps_its_slot(tmp_path: Path) -> None:
 
 def test_redelivered_job_with_a_final_status_is_only_acked(rig: Rig) -> None:
     job = rig.submit("a")
+    # An earlier worker claimed it and stored its result, then died before the ack.
+    assert rig.queue.claim() is not None
     rig.statuses.put("a", status_entry(job, Status.COMPLETED, response_json='{"x": 1}', attempts=1), ttl=60)
     rig.start()
     wait_until(lambda: rig.queue.waiting() == 0 and rig.queue.in_flight() == 0)
@@ -183,6 +185,8 @@ def test_redelivered_job_with_a_final_status_is_only_acked(rig: Rig) -> None:
 
 def test_a_request_that_keeps_crashing_the_worker_ends_as_error(rig: Rig) -> None:
     job = rig.submit("a")
+    # Four earlier workers died during its calls.
+    assert rig.queue.claim() is not None
     rig.statuses.put("a", status_entry(job, Status.PROCESSING, attempts=4))
     rig.start()
     entry = rig.final("a")
