@@ -334,11 +334,18 @@ class DiskcacheStatusStore(StatusStore):
         self._cache.close()
         self._cache._local = monkey.get_original("_thread", "_local")()
         self._cache._timeout = BUSY_WAIT
+        # Status writes from concurrent greenlets share one transaction.
+        self._put = _GroupCommit(self._set_all, "cannot store status", patience)
 
     def put(self, request_id: str, entry: dict[str, Any], ttl: float | None = None) -> None:
-        _retrying(
-            "cannot store status", lambda: self._cache.set(request_id, entry, expire=ttl), self._patience
-        )
+        self._put((request_id, entry, ttl))
+
+    def _set_all(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[None]:
+        # Nothing in here yields to another greenlet (see the notes on cache.transact()).
+        with self._cache.transact(retry=False):
+            for request_id, entry, ttl in items:
+                self._cache.set(request_id, entry, expire=ttl, retry=False)
+        return [None] * len(items)
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         value = _retrying("cannot read status", lambda: self._cache.get(request_id), self._patience)
