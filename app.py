@@ -91,7 +91,7 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
 def pending_entry(job: Job) -> dict[str, Any]:
     return {
         "status": Status.PENDING.value,
-        "request_json": job.body_json(),
+        "request_json": job.body_json,
         "owner": job.owner,
         "timestamp": job.submitted_at,
         "attempts": 0,

@@ -7,6 +7,7 @@ new pair of subclasses run against the same test suite (``tests/test_storage.py`
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ class Job:
     submitted_at: int = 0
     """Milliseconds since the epoch."""
 
+    @functools.cached_property
     def body_json(self) -> str:
+        """The body as JSON text, encoded once however many statuses are written for it."""
         return json.dumps(self.body)
 
     def to_dict(self) -> dict[str, Any]:

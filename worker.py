@@ -24,6 +24,7 @@ from typing import IO, Any, Protocol
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 
 from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
@@ -52,6 +53,19 @@ class Waker(Protocol):
     def wait(self, timeout: float) -> bool: ...
 
 
+class _Slot:
+    """One job's hold on the upstream concurrency limit, given back exactly once."""
+
+    def __init__(self, semaphore: gevent.lock.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
 class _GracefulStop(Exception):
     """Raised inside a job's greenlet when shutdown's deadline passes."""
 
@@ -69,7 +83,7 @@ class WorkerSettings:
 def status_entry(job: Job, status: Status, **fields: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "status": status.value,
-        "request_json": job.body_json(),
+        "request_json": job.body_json,
         "owner": job.owner,
         "timestamp": now_ms(),
     }
@@ -98,7 +112,10 @@ class Worker:
         self._webhooks = webhooks
         self._sleep = sleep
         self._poll_interval = poll_interval
-        self._pool = gevent.pool.Pool(settings.max_concurrent)
+        # A slot is an upstream call that may be in flight: taken when a job is claimed, given back
+        # as soon as its last call is answered, so bookkeeping never delays the next call.
+        self._slots = gevent.lock.BoundedSemaphore(settings.max_concurrent)
+        self._jobs = gevent.pool.Group()
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()
@@ -144,13 +161,13 @@ class Worker:
             if now >= next_purge:
                 next_purge = now + PURGE_INTERVAL
                 self._maintain(self._statuses.purge_expired)
-            if self._pool.full():
-                self._pool.wait_available(timeout=self._poll_interval)
+            if self._slots.locked():
+                self._slots.wait(timeout=self._poll_interval)
                 continue
             self._nudged.clear()
             try:
                 # As many as there are free slots, in one commit.
-                claims = self._queue.claim_many(self._pool.free_count())
+                claims = self._queue.claim_many(self._slots.counter)
             except StorageUnavailable as exc:
                 log.error("cannot claim work, retrying in 1 s: %s", exc)
                 self._stopping.wait(1.0)
@@ -159,7 +176,8 @@ class Worker:
                 self._nudged.wait(self._poll_interval)
                 continue
             for claim in claims:
-                self._pool.spawn(self._run_job, claim)
+                self._slots.acquire()
+                self._jobs.spawn(self._run_job, claim, _Slot(self._slots))
 
     def _maintain(self, task: Callable[[], int]) -> None:
         try:
@@ -168,20 +186,20 @@ class Worker:
             log.warning("background clean-up failed, will retry: %s", exc)
 
     def _drain(self) -> None:
-        if not self._pool.join(timeout=self._settings.shutdown_timeout):
+        if not self._jobs.join(timeout=self._settings.shutdown_timeout):
             log.warning(
                 "%d request(s) still in flight after %.0f s; putting them back in the queue",
-                len(self._pool),
+                len(self._jobs),
                 self._settings.shutdown_timeout,
             )
-            self._pool.kill(exception=_GracefulStop, block=True, timeout=5)
+            self._jobs.kill(exception=_GracefulStop, block=True, timeout=5)
 
     # -- one job -------------------------------------------------------------------------------
 
-    def _run_job(self, claim: Claim) -> None:
+    def _run_job(self, claim: Claim, slot: "_Slot") -> None:
         job = claim.job
         try:
-            self._process(claim)
+            self._process(claim, slot)
         except _GracefulStop:
             self._put_back(claim)
         except StorageUnavailable as exc:
@@ -198,6 +216,8 @@ class Worker:
                     "attempts": self._attempts_of(job),
                 },
             )
+        finally:
+            slot.release()
 
     def _release_when_possible(self, claim: Claim) -> None:
         """Hand the job back once the disk works again. Should the worker stop first, the claim is
@@ -214,7 +234,7 @@ class Worker:
         entry = self._statuses.get(job.request_id)
         return int(entry.get("attempts", 0)) if entry else 0
 
-    def _process(self, claim: Claim) -> None:
+    def _process(self, claim: Claim, slot: "_Slot") -> None:
         job = claim.job
         # A job handed out for the first time cannot have a status yet.
         entry = None if claim.fresh else self._statuses.get(job.request_id)
@@ -250,9 +270,11 @@ class Worker:
                 self._statuses.put(job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1))
                 raise
             if outcome.ok:
+                slot.release()
                 self._finish(claim, Status.COMPLETED, response_json=outcome.response_json, attempts=attempts)
                 return
             if not outcome.retryable or attempts >= allowed:
+                slot.release()
                 self._finish(claim, Status.ERROR, error={**outcome.error, "attempts": attempts})
                 return
             delay = backoff_delay(

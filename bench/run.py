@@ -306,16 +306,18 @@ class Bench:
     def slot_efficiency(self) -> None:
         print("slot efficiency (MAX_CONCURRENT=50, 0.5 s upstream)", flush=True)
         total = 150 if self.quick else 600
-        service = self.service(MAX_CONCURRENT="50")
+        # The queue is filled first and the worker started after: this measures how well the
+        # dispatcher keeps every slot busy, apart from how fast requests arrive (figure 1).
+        service = self.service(MAX_CONCURRENT="50", EMBEDDED_WORKER="false")
         service.start()
-        wait_until(service.worker_pid, timeout=10)
         self.reset_upstream()
         try:
-            started = time.time()
             ids = submit_many(
                 service.port, [body(f"slot-{i}", delay=0.5) for i in range(total)], HEADERS, concurrency=32
             )
+            service.start("worker")
             wait_until(lambda: service.unfinished() == 0, timeout=120, interval=0.05)
+            started = min(self.upstream_stats()["first_call_at"].values())
             finished = max(service.status(rid)["timestamp"] for rid, _ in ids) / 1000
             ideal = (total / 50) * 0.5
             efficiency = ideal / (finished - started)
@@ -327,7 +329,8 @@ class Bench:
                     "",
                     target=">= 0.97",
                     met=efficiency >= 0.97,
-                    note=f"makespan {finished - started:.2f} s, ideal {ideal:.2f} s",
+                    note=f"makespan {finished - started:.2f} s from the first upstream call to the last "
+                    f"completion, ideal {ideal:.2f} s",
                 )
             )
             self.add(Figure("peak upstream concurrency", peak, "", target="== 50", met=peak == 50))
