@@ -32,7 +32,7 @@ from http_errors import (
     error_response,
     json_response,
 )
-from storage import Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
+from storage import Job, JobQueue, Queued, Status, StatusStore, StorageUnavailable, now_ms
 from validation import BodyError, parse_chat_completion
 from views import status_json
 from webhook_safety import check_url_literal
@@ -88,12 +88,12 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
         chunks.append(chunk)
 
 
-def pending_entry(job: Job) -> dict[str, Any]:
+def pending_entry(queued: Queued) -> dict[str, Any]:
     return {
         "status": Status.PENDING.value,
-        "request_json": job.body_json,
-        "owner": job.owner,
-        "timestamp": job.submitted_at,
+        "request_json": queued.body_json,
+        "owner": queued.owner,
+        "timestamp": queued.submitted_at,
         "attempts": 0,
     }
 
@@ -209,13 +209,13 @@ def create_app(
             entry = statuses.get(request_id)
             queued = queue.find(request_id) if entry is None or entry["status"] == "pending" else None
             if entry is None and queued is not None:
-                entry = pending_entry(queued.job)
+                entry = pending_entry(queued)
             if entry is None or entry.get("owner") != owner:
                 return not_found()
             position = None
             if entry["status"] == Status.PENDING.value:
                 # None: the worker is taking it right now.
-                position = (queue.position(queued.ticket) if queued else None) or 0
+                position = (queued.position if queued else None) or 0
         except StorageUnavailable as exc:
             return unavailable(exc)
         reply = HTTPResponse(body=status_json(request_id, entry, position), status=200)

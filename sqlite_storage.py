@@ -31,7 +31,7 @@ import persistqueue
 import persistqueue.serializers.json as json_serializer
 from gevent import monkey
 
-from storage import Claim, Job, JobQueue, StatusStore, StorageUnavailable
+from storage import Claim, Job, JobQueue, Queued, StatusStore, StorageUnavailable
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
@@ -113,22 +113,28 @@ END;
 CREATE TABLE IF NOT EXISTS {_TABLE}_ids (request_id TEXT PRIMARY KEY, ticket INTEGER NOT NULL)
     WITHOUT ROWID;
 """
-# A waiting job's place, counted from whichever end of the line is nearer: O(distance), not
-# O(backlog). One statement; CASE runs only the count it picks.
-_POSITION = f"""
-WITH e AS (SELECT
-    (SELECT status FROM {_TABLE} WHERE _id = :ticket) AS status,
+# A job found by request id, with its place in line when it waits, counted from whichever end of
+# the line is nearer (O(distance), not O(backlog)); CASE runs only the count it picks. The body
+# comes out as JSON text, never decoded.
+_FIND = f"""
+WITH r AS (
+    SELECT t._id AS ticket, t.status AS status, t.data AS data
+    FROM {_TABLE}_ids AS i JOIN {_TABLE} AS t ON t._id = i.ticket
+    WHERE i.request_id = :request_id AND t.status < {_ACKED}),
+e AS (SELECT
     (SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0
                          UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1)) AS oldest,
     (SELECT MAX(_id) FROM {_TABLE}) AS newest)
-SELECT CASE
-    WHEN e.status IS NULL OR e.status >= {_IN_FLIGHT} THEN NULL
-    WHEN :ticket - e.oldest <= e.newest - :ticket
-        THEN (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id <= :ticket)
-    ELSE (SELECT n FROM {_TABLE}_counts WHERE name = 'waiting')
-        - (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id > :ticket)
+SELECT r.ticket, r.status, json_extract(r.data, '$.owner'), json_extract(r.data, '$.submitted_at'),
+    json_extract(r.data, '$.body'),
+    CASE
+        WHEN r.status >= {_IN_FLIGHT} THEN NULL
+        WHEN r.ticket - e.oldest <= e.newest - r.ticket
+            THEN (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id <= r.ticket)
+        ELSE (SELECT n FROM {_TABLE}_counts WHERE name = 'waiting')
+            - (SELECT COUNT(*) FROM {_TABLE} WHERE status IN (0, 1) AND _id > r.ticket)
     END
-FROM e
+FROM r, e
 """
 
 # Rows in persist-queue's own format (json serializer, status 0 = inited), so its get/ack/nack
@@ -239,19 +245,25 @@ class PersistJobQueue(JobQueue):
             connection.executemany(_ACK, [(t,) for t in tickets])
         return [None] * len(tickets)
 
-    def find(self, request_id: str) -> Claim | None:
+    def find(self, request_id: str) -> Queued | None:
         row = _retrying(
             "cannot read the job queue",
-            lambda: self._reader.execute(
-                f"SELECT t._id, t.data FROM {_TABLE}_ids AS i JOIN {_TABLE} AS t ON t._id = i.ticket"
-                f" WHERE i.request_id = ? AND t.status < {_ACKED}",
-                (request_id,),
-            ).fetchone(),
+            lambda: self._reader.execute(_FIND, {"request_id": request_id}).fetchone(),
             self._patience,
         )
         if row is None:
             return None
-        return Claim(ticket=int(row[0]), job=Job.from_dict(json_serializer.loads(row[1])))
+        ticket, status, owner, submitted_at, body_json, position = row
+        return Queued(
+            ticket=int(ticket),
+            request_id=request_id,
+            owner=str(owner),
+            submitted_at=int(submitted_at or 0),
+            body_json=str(body_json),
+            in_flight=int(status) >= _IN_FLIGHT,
+            fresh=int(status) == 0,
+            position=None if position is None else int(position),
+        )
 
     def claim_many(self, limit: int) -> list[Claim]:
         def take() -> list[Any]:
@@ -295,10 +307,6 @@ class PersistJobQueue(JobQueue):
         )
         found = dict(rows)
         return int(found["waiting"]), int(found["in_flight"])
-
-    def position(self, ticket: int) -> int | None:
-        value = self._scalar(_POSITION, {"ticket": ticket})
-        return None if value is None else int(value)
 
     def compact(self) -> int:
         def delete() -> int:

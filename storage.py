@@ -77,6 +77,22 @@ class Claim:
     """Never handed out before: no earlier attempt can have left a status behind."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Queued:
+    """A job as ``JobQueue.find`` reports it."""
+
+    ticket: int
+    request_id: str
+    owner: str
+    submitted_at: int
+    body_json: str
+    in_flight: bool
+    fresh: bool
+    """Never handed out: no status can exist for it yet."""
+    position: int | None
+    """1-based place among the waiting jobs; None when in flight."""
+
+
 class JobQueue:
     """A durable FIFO of jobs. Exactly one consumer process may claim from it."""
 
@@ -87,8 +103,8 @@ class JobQueue:
         """
         raise NotImplementedError
 
-    def find(self, request_id: str) -> Claim | None:
-        """The job with this id while it is not finished (waiting or in flight), with its ticket."""
+    def find(self, request_id: str) -> Queued | None:
+        """The job with this id while it is not finished (waiting or in flight)."""
         raise NotImplementedError
 
     def claim_many(self, limit: int) -> list[Claim]:
@@ -124,10 +140,6 @@ class JobQueue:
 
     def in_flight(self) -> int:
         return self.counts()[1]
-
-    def position(self, ticket: int) -> int | None:
-        """1-based place of a waiting job among the waiting ones; None if it no longer waits."""
-        raise NotImplementedError
 
     def compact(self) -> int:
         """Forget acked jobs so disk use stays bounded. Returns how many rows were dropped."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 
 from sqlite_storage import DiskcacheStatusStore, PersistJobQueue
 from storage import Job, JobQueue, StatusStore
+
+
+def place(queue: JobQueue, n: int) -> int | None:
+    found = queue.find(job(n).request_id)
+    return found.position if found else None
 
 
 def job(n: int) -> Job:
@@ -36,7 +42,7 @@ class JobQueueContract:
     def test_find_by_request_id_until_finished(self, queue: JobQueue) -> None:
         tickets = [queue.put(job(i)) for i in range(2)]
         found = queue.find(job(1).request_id)
-        assert found is not None and found.ticket == tickets[1] and found.job == job(1)
+        assert found is not None and found.ticket == tickets[1] and found.owner == job(1).owner
         claim = queue.claim()
         assert claim is not None
         assert queue.find(job(0).request_id) is not None  # in flight: still found
@@ -59,13 +65,28 @@ class JobQueueContract:
         assert time.monotonic() - started < 1.0
 
     def test_positions_are_one_based_among_waiting(self, queue: JobQueue) -> None:
-        tickets = [queue.put(job(i)) for i in range(4)]
-        assert [queue.position(t) for t in tickets] == [1, 2, 3, 4]
+        for i in range(4):
+            queue.put(job(i))
+        assert [place(queue, i) for i in range(4)] == [1, 2, 3, 4]
         claim = queue.claim()
         assert claim is not None
-        assert queue.position(claim.ticket) is None
-        assert [queue.position(t) for t in tickets[1:]] == [1, 2, 3]
-        assert queue.position(10_000) is None
+        in_flight = queue.find(claim.job.request_id)
+        assert in_flight is not None and in_flight.in_flight and in_flight.position is None
+        assert [place(queue, i) for i in range(1, 4)] == [1, 2, 3]
+
+    def test_find_reports_the_job_without_decoding_it(self, queue: JobQueue) -> None:
+        sent = Job(
+            request_id="chatreq_found0000000000000",
+            owner="o",
+            submitted_at=1234,
+            body={"messages": [{"content": "é🙂\ud800"}], "n": 1},
+        )
+        ticket = queue.put(sent)
+        found = queue.find(sent.request_id)
+        assert found is not None
+        assert (found.ticket, found.owner, found.submitted_at) == (ticket, "o", 1234)
+        assert json.loads(found.body_json) == sent.body
+        assert found.fresh and not found.in_flight and found.position == 1
 
     def test_positions_and_counts_stay_exact_through_every_transition(self, queue: JobQueue) -> None:
         tickets = [queue.put(job(i)) for i in range(12)]
@@ -76,8 +97,11 @@ class JobQueueContract:
         waiting = [tickets[2], *tickets[4:]]
         assert queue.waiting() == len(waiting) and queue.in_flight() == 2
         # Near either end of the line, the place is the same as counting by hand.
-        assert [queue.position(t) for t in waiting] == list(range(1, len(waiting) + 1))
-        assert queue.position(tickets[1]) is None and queue.position(tickets[0]) is None
+        waiting_ids = [2, *range(4, 12)]
+        assert [place(queue, i) for i in waiting_ids] == list(range(1, len(waiting) + 1))
+        assert place(queue, 1) is None and queue.find(job(0).request_id) is None
+        released = queue.find(job(2).request_id)
+        assert released is not None and not released.fresh
         assert queue.recover() == 2
         assert queue.waiting() == len(waiting) + 2 and queue.in_flight() == 0
         queue.compact()
@@ -136,7 +160,7 @@ class TestPersistJobQueue(JobQueueContract):
         claim = consumer.claim()
         assert claim is not None
         assert producer.waiting() == 1 and producer.in_flight() == 1
-        assert producer.position(claim.ticket) is None
+        assert place(producer, 0) is None and place(producer, 1) == 1
         producer.close()
         consumer.close()
 
