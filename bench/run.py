@@ -185,7 +185,7 @@ class Bench:
     def __init__(self, quick: bool, workdir: Path) -> None:
         self.quick = quick
         self.workdir = workdir
-        self.duration = 1.5 if quick else 10.0
+        self.duration = 1.0 if quick else 10.0
         self.figures: list[Figure] = []
         self.upstream, self.upstream_port = start_script(ROOT / "tests" / "fake_upstream.py")
         self.ceiling, self.ceiling_port = start_script(ROOT / "bench" / "ceiling.py")
@@ -286,7 +286,7 @@ class Bench:
         time.sleep(0.5)
         self.reset_upstream()
         try:
-            count = 20 if self.quick else 100
+            count = 10 if self.quick else 100
             gaps = []
             for i in range(count):
                 key = f"dispatch-{i}"
@@ -305,7 +305,7 @@ class Bench:
 
     def slot_efficiency(self) -> None:
         print("slot efficiency (MAX_CONCURRENT=50, 0.5 s upstream)", flush=True)
-        total = 150 if self.quick else 600
+        total = 100 if self.quick else 600
         # The queue is filled first and the worker started after: this measures how well the
         # dispatcher keeps every slot busy, apart from how fast requests arrive (figure 1).
         service = self.service(MAX_CONCURRENT="50", EMBEDDED_WORKER="false")
@@ -341,7 +341,7 @@ class Bench:
 
     def worker_capacity(self) -> None:
         print("worker capacity (MAX_CONCURRENT=200, instant upstream)", flush=True)
-        total = 500 if self.quick else 5000
+        total = 300 if self.quick else 5000
         service = self.service(MAX_CONCURRENT="200", EMBEDDED_WORKER="false")
         service.start()
         try:
@@ -359,9 +359,10 @@ class Bench:
     # 6 ---------------------------------------------------------------------------------------
 
     def footprint(self) -> None:
-        first, last = (300, 3000) if self.quick else (1000, 50000)
+        first, last = (200, 600) if self.quick else (1000, 50000)
+        ttl = 1 if self.quick else 5
         print(f"footprint after {first} and {last} requests", flush=True)
-        service = self.service(MAX_CONCURRENT="50", RESULT_TTL="5")
+        service = self.service(MAX_CONCURRENT="50", RESULT_TTL=str(ttl))
         service.start()
         web_pid = service.processes[0].pid
         try:
@@ -399,7 +400,7 @@ class Bench:
                     note=f"web {web_a[1]} -> {web_b[1]}, worker {worker_a[1]} -> {worker_b[1]}",
                 )
             )
-            time.sleep(6)  # past RESULT_TTL
+            time.sleep(ttl + 1)  # past RESULT_TTL
             self.add(
                 Figure(
                     "DATA_DIR after expiry",
