@@ -219,9 +219,13 @@ class PersistJobQueue(JobQueue):
                 if self._reader.in_transaction:
                     self._reader.execute("ROLLBACK")
             self._writer = sqlite3.connect(str(directory / "data.db"), isolation_level=None)
-            for connection in (self._queue._conn, self._reader, self._writer):
+            # Claims and acks need no fsync: after any restart every claimed job waits again
+            # (recover), and a lost ack only hands out a job whose final status is already stored.
+            self._claimer = sqlite3.connect(str(directory / "data.db"), isolation_level=None)
+            for connection in (self._queue._conn, self._reader, self._writer, self._claimer):
                 connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
             self._writer.execute("PRAGMA synchronous = FULL")
+            self._claimer.execute("PRAGMA synchronous = NORMAL")
             self._put = _GroupCommit(self._insert, "cannot store the job", patience)
             self._ack = _GroupCommit(self._mark_acked, "cannot ack a job", patience)
         except (sqlite3.Error, OSError) as exc:
@@ -241,7 +245,7 @@ class PersistJobQueue(JobQueue):
         return tickets
 
     def _mark_acked(self, tickets: list[int]) -> list[None]:
-        with _immediate(self._writer) as connection:
+        with _immediate(self._claimer) as connection:
             connection.executemany(_ACK, [(t,) for t in tickets])
         return [None] * len(tickets)
 
@@ -267,7 +271,7 @@ class PersistJobQueue(JobQueue):
 
     def claim_many(self, limit: int) -> list[Claim]:
         def take() -> list[Any]:
-            with _immediate(self._writer) as connection:
+            with _immediate(self._claimer) as connection:
                 rows = connection.execute(_CLAIM, (limit,)).fetchall()
                 connection.executemany(_MARK_CLAIMED, [(row[0],) for row in rows])
             return list(rows)
@@ -321,6 +325,7 @@ class PersistJobQueue(JobQueue):
 
     def close(self) -> None:
         self._writer.close()
+        self._claimer.close()
         self._reader.close()
         self._queue.close()
 
