@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from requests_hardened.ip_filter import InvalidIPAddress
 from standardwebhooks.webhooks import Webhook
 
+from claiming import next_claims
 from storage import Claim, Job, JobQueue, StatusStore, StorageUnavailable
 from upstream import parse_retry_after
 from webhook_safety import WebhookRefused, check_destination
@@ -213,16 +214,14 @@ class WebhookDeliverer:
         if recovered:
             log.info("%d webhook delivery(ies) resumed", recovered)
         while not self._stopping.is_set():
-            self._nudged.clear()
-            try:
-                claims = self._outbox.claim_many(100)
-            except StorageUnavailable as exc:
-                log.error("cannot read the webhook outbox, retrying in 1 s: %s", exc)
-                self._stopping.wait(1.0)
-                continue
-            if not claims:
-                self._nudged.wait(self._poll_interval)
-                continue
+            claims = next_claims(
+                self._outbox,
+                100,
+                nudged=self._nudged,
+                stopping=self._stopping,
+                poll_interval=self._poll_interval,
+                what="webhook deliveries",
+            )
             for claim in claims:
                 self._group.spawn(self._deliver, claim)
 

@@ -27,6 +27,7 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 
+from claiming import next_claims
 from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from supervisor import EXIT_LOCKED
 from upstream import Outcome, backoff_delay
@@ -164,17 +165,15 @@ class Worker:
             if self._slots.locked():
                 self._slots.wait(timeout=self._poll_interval)
                 continue
-            self._nudged.clear()
-            try:
-                # As many as there are free slots, in one commit.
-                claims = self._queue.claim_many(self._slots.counter)
-            except StorageUnavailable as exc:
-                log.error("cannot claim work, retrying in 1 s: %s", exc)
-                self._stopping.wait(1.0)
-                continue
-            if not claims:
-                self._nudged.wait(self._poll_interval)
-                continue
+            # As many as there are free slots, in one commit.
+            claims = next_claims(
+                self._queue,
+                self._slots.counter,
+                nudged=self._nudged,
+                stopping=self._stopping,
+                poll_interval=self._poll_interval,
+                what="requests",
+            )
             for claim in claims:
                 self._slots.acquire()
                 self._jobs.spawn(self._run_job, claim, _Slot(self._slots))
