@@ -35,6 +35,7 @@ from http_errors import (
 from storage import Job, JobQueue, Queued, Status, StatusStore, StorageUnavailable, now_ms
 from validation import BodyError, parse_chat_completion
 from views import status_json
+from waiters import Waiters
 from webhook_safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
@@ -43,6 +44,7 @@ OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
+RETRY_AFTER_POLL = "1"
 
 
 class BodyTooLarge(Exception):
@@ -54,6 +56,7 @@ class ApiSettings:
     max_body_bytes: int
     max_queue: int
     webhook_allow_private: bool = False
+    sync_wait_max: float = 25.0
 
 
 def new_request_id() -> str:
@@ -98,6 +101,21 @@ def pending_entry(queued: Queued) -> dict[str, Any]:
     }
 
 
+def wait_seconds(raw: str | None, cap: float) -> float | HTTPResponse:
+    """The ``wait`` of a long-poll: seconds, capped; a 400 when it is not a number >= 0."""
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        return error_response(
+            400, "wait must be a number of seconds >= 0", "invalid_request_error", param="wait"
+        )
+    return min(seconds, cap)
+
+
 def create_app(
     *,
     queue: JobQueue,
@@ -105,7 +123,9 @@ def create_app(
     keys: KeyChecker,
     settings: ApiSettings,
     notify: Callable[[], None] = lambda: None,
+    waiters: Waiters | None = None,
 ) -> WSGIApp:
+    waiters = Waiters() if waiters is None else waiters
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
     # (with catchall, Bottle would also write the traceback to wsgi.errors).
     api = Bottle()
@@ -202,25 +222,42 @@ def create_app(
         owner = authenticate()
         if isinstance(owner, HTTPResponse):
             return owner
+        wait = wait_seconds(request.query.get("wait"), settings.sync_wait_max)
+        if isinstance(wait, HTTPResponse):
+            return wait
         if not REQUEST_ID.match(request_id):
             return not_found()
         try:
-            # The worker writes a status from its first attempt on; until then the queue has it.
-            entry = statuses.get(request_id)
-            queued = queue.find(request_id) if entry is None or entry["status"] == "pending" else None
-            if entry is None and queued is not None:
-                entry = pending_entry(queued)
-            if entry is None or entry.get("owner") != owner:
-                return not_found()
-            position = None
-            if entry["status"] == Status.PENDING.value:
-                # None: the worker is taking it right now.
-                position = (queued.position if queued else None) or 0
+            with waiters.watch(request_id) as became_final:
+                found = lookup(request_id)
+                if found is None or found[0].get("owner") != owner:
+                    return not_found()
+                if wait and not Status(found[0]["status"]).final:
+                    became_final.wait(wait)
+                    found = lookup(request_id) or found
         except StorageUnavailable as exc:
             return unavailable(exc)
+        entry, position = found
         reply = HTTPResponse(body=status_json(request_id, entry, position), status=200)
         reply.content_type = "application/json"
+        if not Status(entry["status"]).final:
+            reply.set_header("Retry-After", RETRY_AFTER_POLL)
         return reply
+
+    def lookup(request_id: str) -> tuple[dict[str, Any], int | None] | None:
+        """The request's status entry and, when pending, its place in line."""
+        # The worker writes a status from its first attempt on; until then the queue has it.
+        entry = statuses.get(request_id)
+        queued = queue.find(request_id) if entry is None or entry["status"] == "pending" else None
+        if entry is None and queued is not None:
+            entry = pending_entry(queued)
+        if entry is None:
+            return None
+        position = None
+        if entry["status"] == Status.PENDING.value:
+            # None: the worker is taking it right now.
+            position = (queued.position if queued else None) or 0
+        return entry, position
 
     def error_page(error: HTTPError) -> str:
         if error.status_code == 404:

@@ -23,7 +23,8 @@ from logs import setup_logging
 from sqlite_storage import open_storage
 from storage import StorageUnavailable
 from supervisor import WorkerSupervisor
-from wakeup import WakeupSender
+from waiters import Waiters
+from wakeup import WEB, WakeupListener, WakeupSender
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -48,6 +49,9 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
     keys = config.api_keys or (generated_key(config.data_dir),)
     queue, statuses = open_storage(config.data_dir)
     sender = WakeupSender(config.data_dir)
+    listener = WakeupListener(config.data_dir, WEB)
+    waiters = Waiters()
+    waiters.start(listener)
     app = create_app(
         queue=queue,
         statuses=statuses,
@@ -56,10 +60,12 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
             max_body_bytes=config.max_body_bytes,
             max_queue=config.max_queue,
             webhook_allow_private=config.webhook_allow_private,
+            sync_wait_max=config.sync_wait_max,
         ),
         notify=sender.notify,
+        waiters=waiters,
     )
-    return app, Web(app=app, config=config, closers=[sender, queue, statuses])
+    return app, Web(app=app, config=config, closers=[waiters, sender, listener, queue, statuses])
 
 
 def make_listener(host: str, port: int) -> socket.socket:

@@ -1,9 +1,13 @@
-"""A cross-process nudge from the web process to the worker: "a job was queued".
+"""Cross-process nudges between the web process and the worker, over Linux abstract Unix datagram
+sockets named after DATA_DIR.
 
-persist-queue only notices another process's put on its 10 s tick; a datagram on a Linux
-abstract Unix socket named after DATA_DIR wakes the worker within a millisecond. It is only a
-hint: the worker also polls, so a lost datagram (or a platform without abstract sockets) costs
-latency, never a job.
+- web -> worker ("worker" role): "a job was queued". persist-queue only notices another process's
+  put on its 10 s tick; the nudge wakes the worker within a millisecond.
+- worker -> web ("web" role): the request id that just reached a final state, which wakes every
+  client long-polling or waiting on it, with no polling of the store per client.
+
+Both are hints: a lost datagram (or a platform without abstract sockets) costs latency, never a
+request. The worker also polls, and a waiting client reads the store when its wait ends.
 """
 
 from __future__ import annotations
@@ -17,15 +21,19 @@ from pathlib import Path
 
 log = logging.getLogger("llm_proxy.wakeup")
 
+WORKER = "worker"
+WEB = "web"
+_MAX_MESSAGE = 256
 
-def address_for(data_dir: Path) -> str:
+
+def address_for(data_dir: Path, role: str = WORKER) -> str:
     digest = hashlib.sha256(os.fsencode(os.path.realpath(data_dir))).hexdigest()[:24]
-    return f"\0llm-proxy-{digest}"
+    return f"\0llm-proxy-{digest}" + ("" if role == WORKER else f"-{role}")
 
 
 class WakeupSender:
-    def __init__(self, data_dir: Path) -> None:
-        self._address = address_for(data_dir)
+    def __init__(self, data_dir: Path, role: str = WORKER) -> None:
+        self._address = address_for(data_dir, role)
         self._sock: socket.socket | None = None
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -33,12 +41,12 @@ class WakeupSender:
         except (OSError, AttributeError):
             self._sock = None
 
-    def notify(self) -> None:
+    def notify(self, message: bytes = b"!") -> None:
         if self._sock is None:
             return
-        # No worker listening yet, or its buffer full of earlier nudges: both are fine.
+        # Nobody listening yet, or its buffer full of earlier nudges: both are fine.
         with contextlib.suppress(OSError):
-            self._sock.sendto(b"!", self._address)
+            self._sock.sendto(message[:_MAX_MESSAGE], self._address)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -46,37 +54,39 @@ class WakeupSender:
 
 
 class WakeupListener:
-    """Bound by the single worker; ``wait`` returns when nudged or after the timeout."""
+    """Bound by the one process of its role; ``receive``/``wait`` block cooperatively under gevent."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, role: str = WORKER) -> None:
         self._sock: socket.socket | None = None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(address_for(data_dir))
+            sock.bind(address_for(data_dir, role))
             self._sock = sock
         except (OSError, AttributeError) as exc:
-            log.warning("no wake-up socket (%s); new jobs are picked up by polling", exc)
+            log.warning("no %s wake-up socket (%s); falling back to polling", role, exc)
 
     @property
     def available(self) -> bool:
         return self._sock is not None
 
-    def wait(self, timeout: float) -> bool:
-        """Block (cooperatively, under gevent) until nudged; drain pending nudges. True if nudged."""
+    def receive(self, timeout: float) -> list[bytes]:
+        """Every message that arrived, waiting up to ``timeout`` for the first one."""
         if self._sock is None:
-            return False
+            return []
         self._sock.settimeout(timeout)
         try:
-            self._sock.recv(16)
+            messages = [self._sock.recv(_MAX_MESSAGE)]
         except (TimeoutError, OSError):
-            return False
+            return []
         self._sock.setblocking(False)
-        try:
+        with contextlib.suppress(OSError):
             while True:
-                self._sock.recv(16)
-        except OSError:
-            pass
-        return True
+                messages.append(self._sock.recv(_MAX_MESSAGE))
+        return messages
+
+    def wait(self, timeout: float) -> bool:
+        """True if nudged within ``timeout`` (pending nudges are drained)."""
+        return bool(self.receive(timeout))
 
     def close(self) -> None:
         if self._sock is not None:

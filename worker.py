@@ -104,6 +104,7 @@ class Worker:
         webhooks: WebhookOutbox | None = None,
         sleep: Callable[[float], Any] = gevent.sleep,
         poll_interval: float = POLL_INTERVAL,
+        announce: Callable[[str], None] = lambda request_id: None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -113,6 +114,7 @@ class Worker:
         self._webhooks = webhooks
         self._sleep = sleep
         self._poll_interval = poll_interval
+        self._announce = announce
         # A slot is an upstream call that may be in flight: taken when a job is claimed, given back
         # as soon as its last call is answered, so bookkeeping never delays the next call.
         self._slots = gevent.lock.BoundedSemaphore(settings.max_concurrent)
@@ -301,6 +303,7 @@ class Worker:
         # Status, then outbox, then ack: a crash between any two leaves the job to be handed out
         # again, and the redelivery path in _process completes whatever is missing.
         self._statuses.put(job.request_id, entry, ttl=ttl)
+        self._announce(job.request_id)
         if wants_webhook:
             self._owe_webhook(job, entry)
         self._queue.ack(claim.ticket)
@@ -357,7 +360,7 @@ def main() -> int:
     from logs import setup_logging
     from sqlite_storage import open_outbox, open_storage
     from upstream import UpstreamClient
-    from wakeup import WakeupListener
+    from wakeup import WEB, WakeupListener, WakeupSender
 
     try:
         config = load_from_process_env()
@@ -381,6 +384,7 @@ def main() -> int:
         pool_size=config.max_concurrent,
     )
     waker = WakeupListener(config.data_dir)
+    finals = WakeupSender(config.data_dir, WEB)
     outbox = open_outbox(config.data_dir)
     sender = WebhookSender(
         secret=config.webhook_secret,
@@ -400,6 +404,7 @@ def main() -> int:
         upstream=upstream,
         waker=waker,
         webhooks=deliverer,
+        announce=lambda request_id: finals.notify(request_id.encode("ascii")),
         settings=WorkerSettings(
             max_concurrent=config.max_concurrent,
             max_retries=config.max_retries,
@@ -427,6 +432,7 @@ def main() -> int:
         sender.close()
         outbox.close()
         waker.close()
+        finals.close()
         upstream.close()
         queue.close()
         statuses.close()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from conftest import API_KEY, body
 from http_errors import SECURITY_HEADERS
 from sqlite_storage import DiskcacheStatusStore, PersistJobQueue, open_storage
 from storage import Claim, Job, Status, StorageUnavailable
+from waiters import Waiters
 from worker import status_entry
 
 OTHER_KEY = "other-key-987654321"
@@ -316,3 +318,69 @@ def test_arbitrary_bodies_get_a_json_4xx_and_store_nothing(raw: bytes) -> None:
             assert harness.queue.waiting() == 0
         harness.queue.close()
         harness.statuses.close()
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e999"])
+def test_bad_wait_is_400(h: Harness, wait: str) -> None:
+    rid = h.submit(status=202).json["request_id"]
+    reply = h.app.get(f"/v1/chat/completions/{rid}?wait={wait}", headers={"X-API-Key": API_KEY}, status="*")
+    error = assert_error(reply, 400, "invalid_request_error")
+    assert error["param"] == "wait"
+
+
+def test_pending_answers_carry_retry_after_and_final_ones_do_not(h: Harness) -> None:
+    rid = h.submit(status=202).json["request_id"]
+    assert h.get(rid).headers["Retry-After"] == "1"
+    claim = h.queue.claim()
+    assert claim is not None
+    h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json="{}", attempts=1), ttl=60)
+    assert "Retry-After" not in h.get(rid).headers
+
+
+def test_long_poll_returns_when_the_worker_announces_the_result(tmp_path: Path) -> None:
+    waiters = Waiters()
+    queue, statuses = open_storage(tmp_path / "data")
+    app = TestApp(
+        create_app(
+            queue=queue,
+            statuses=statuses,
+            keys=KeyChecker([API_KEY]),
+            waiters=waiters,
+            settings=ApiSettings(max_body_bytes=16384, max_queue=10, sync_wait_max=60),
+        )
+    )
+    rid = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}).json[
+        "request_id"
+    ]
+
+    def finish() -> None:
+        gevent.sleep(0.2)
+        claim = queue.claim()
+        assert claim is not None
+        statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json='{"ok": 1}'), ttl=60)
+        waiters.wake(rid)
+
+    gevent.spawn(finish)
+    # Without the wake-up this would hold for the full 60 s.
+    with gevent.Timeout(15):
+        reply = app.get(f"/v1/chat/completions/{rid}?wait=60", headers={"X-API-Key": API_KEY})
+    assert reply.json["status"] == "completed" and reply.json["response"] == {"ok": 1}
+    assert len(waiters) == 0
+
+
+def test_long_poll_is_capped_and_answers_the_current_status(tmp_path: Path) -> None:
+    queue, statuses = open_storage(tmp_path / "data")
+    app = TestApp(
+        create_app(
+            queue=queue,
+            statuses=statuses,
+            keys=KeyChecker([API_KEY]),
+            settings=ApiSettings(max_body_bytes=16384, max_queue=10, sync_wait_max=0.2),
+        )
+    )
+    rid = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}).json[
+        "request_id"
+    ]
+    with gevent.Timeout(15):
+        reply = app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})
+    assert reply.json["status"] == "pending" and reply.headers["Retry-After"] == "1"

@@ -249,3 +249,16 @@ def test_live_errors_are_json_with_security_headers(make_service: MakeService) -
         service.url + "/v1/chat/completions", headers=service.headers(), data=chunks(), timeout=10
     )
     assert chunked.status_code == 413
+
+
+def test_long_poll_answers_as_soon_as_the_request_completes(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service(SYNC_WAIT_MAX="30")
+    rid = service.submit(body(x_fake={"key": "longpoll", "delay": 0.5})).json()["request_id"]
+    # Polling would take the full 30 s if the worker's notification did not wake the wait.
+    reply = requests.get(
+        f"{service.url}/v1/chat/completions/{rid}?wait=30", headers=service.headers(), timeout=(5, 20)
+    )
+    assert reply.status_code == 200 and reply.json()["status"] == "completed"
+    assert "Retry-After" not in reply.headers
