@@ -101,6 +101,58 @@ def pending_entry(queued: Queued) -> dict[str, Any]:
     }
 
 
+def preferred_wait(prefer: str | None, cap: float) -> float:
+    """Seconds asked for by ``Prefer: wait`` / ``Prefer: wait=N`` (RFC 7240), capped; 0 if not asked.
+    As the RFC says, a preference that cannot be understood is ignored."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";")[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value:
+            return cap
+        try:
+            seconds = float(value)
+        except ValueError:
+            return 0.0
+        return min(seconds, cap) if 0 <= seconds < float("inf") else 0.0
+    return 0.0
+
+
+def final_answer(request_id: str, entry: dict[str, Any]) -> HTTPResponse:
+    """What a wait-mode client gets: the upstream's chat.completion unchanged, or an OpenAI-shaped
+    error with the status the SDK maps to the right exception, told not to retry (we did)."""
+    if entry["status"] == Status.COMPLETED.value:
+        reply = HTTPResponse(body=entry["response_json"], status=200)
+        reply.content_type = "application/json"
+        reply.set_header("X-Request-Id", request_id)
+        return reply
+    error = entry.get("error") or {}
+    upstream = error.get("upstream_status")
+    if isinstance(upstream, int) and 400 <= upstream <= 599:
+        status = upstream
+    else:
+        status = 504 if error.get("type") == "timeout" else 502
+    payload = error.get("upstream_error")
+    if not isinstance(payload, dict):
+        payload = {
+            "message": error.get("message", "the request failed"),
+            "type": error.get("type", "upstream_error"),
+            "param": None,
+            "code": error.get("code"),
+        }
+    return json_response(
+        status, {"error": payload}, headers={"X-Request-Id": request_id, "x-should-retry": "false"}
+    )
+
+
+def _quietly(action: Callable[[str], Any], request_id: str) -> Any:
+    try:
+        return action(request_id)
+    except StorageUnavailable:
+        return None
+
+
 def wait_seconds(raw: str | None, cap: float) -> float | HTTPResponse:
     """The ``wait`` of a long-poll: seconds, capped; a 400 when it is not a number >= 0."""
     if raw is None or raw == "":
@@ -186,26 +238,42 @@ def create_app(
             if problem:
                 detail = {"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}
                 return error_response(400, "Invalid request body", "validation_error", details=[detail])
+        # Streamed answers in wait mode are not relayed yet: such requests are queued as usual.
+        wait = (
+            0.0
+            if body.get("stream")
+            else preferred_wait(request.headers.get("Prefer"), settings.sync_wait_max)
+        )
         request_id = new_request_id()
         job = Job(request_id=request_id, body=body, owner=owner, submitted_at=now_ms())
-        try:
-            if queue.counts()[0] >= settings.max_queue:
-                return error_response(
-                    429,
-                    f"The queue is full ({settings.max_queue} requests waiting); retry later.",
-                    "queue_full",
-                    headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
-                )
-            queue.put(job)
-        except StorageUnavailable as exc:
-            return unavailable(exc)
-        notify()
+        # Watched before the put, so a result that comes back at once is not missed.
+        with waiters.watch(request_id) as became_final:
+            try:
+                if queue.counts()[0] >= settings.max_queue:
+                    return error_response(
+                        429,
+                        f"The queue is full ({settings.max_queue} requests waiting); retry later.",
+                        "queue_full",
+                        headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
+                    )
+                queue.put(job)
+            except StorageUnavailable as exc:
+                return unavailable(exc)
+            notify()
+            if wait:
+                became_final.wait(wait)
+                found = _quietly(lookup, request_id)
+                if found is not None and Status(found[0]["status"]).final:
+                    return final_answer(request_id, found[0])
         try:
             # Ours is the newest waiting job (puts in this process do not interleave unless a locked
             # database made one wait), so its place is the waiting count; 0 once the worker took it.
             position, active = queue.counts()
         except StorageUnavailable:
             position, active = 0, 0
+        headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
+        if wait:
+            headers["Retry-After"] = RETRY_AFTER_POLL
         return json_response(
             202,
             {
@@ -214,7 +282,7 @@ def create_app(
                 "queue_position": position,
                 "active_requests": active,
             },
-            headers={"Location": f"/v1/chat/completions/{request_id}"},
+            headers=headers,
         )
 
     @api.get("/v1/chat/completions/<request_id:path>")

@@ -131,6 +131,9 @@ def classify_response(status: int, raw: bytes, headers: Any) -> Outcome:
     error: dict[str, Any] = {"message": message, "type": "upstream_error", "upstream_status": status}
     if code:
         error["code"] = code
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        # Kept whole so a waiting client gets the upstream's own error object.
+        error["upstream_error"] = payload["error"]
     retry_after = parse_retry_after(headers)
     if status == 429:
         error["type"] = "rate_limited"
