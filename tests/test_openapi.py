@@ -23,7 +23,8 @@ APP = create_app(
     queue=_QUEUE,
     statuses=_STATUSES,
     keys=KeyChecker([API_KEY]),
-    settings=ApiSettings(max_body_bytes=64 * 1024, max_queue=1_000_000),
+    # No worker runs here: waits would only ever time out, so they are kept short.
+    settings=ApiSettings(max_body_bytes=64 * 1024, max_queue=1_000_000, sync_wait_max=0.01),
 )
 
 
