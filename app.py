@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
@@ -32,15 +32,26 @@ from http_errors import (
     error_response,
     json_response,
 )
-from storage import Job, JobQueue, Queued, Status, StatusStore, StorageUnavailable, now_ms
+from storage import (
+    IdempotencyConflict,
+    Job,
+    JobQueue,
+    Queued,
+    Status,
+    StatusStore,
+    StorageUnavailable,
+    now_ms,
+)
 from validation import BodyError, parse_chat_completion
 from views import status_json
 from waiters import Waiters
 from webhook_safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
+T = TypeVar("T")
 
 OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
@@ -101,6 +112,13 @@ def pending_entry(queued: Queued) -> dict[str, Any]:
     }
 
 
+def header(name: str) -> str | None:
+    """A request header as the WSGI server gave it (latin-1). Bottle's own accessor re-decodes
+    values as UTF-8 and raises on bytes that are not, which must never become a 500."""
+    value = request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return value if isinstance(value, str) else None
+
+
 def preferred_wait(prefer: str | None, cap: float) -> float:
     """Seconds asked for by ``Prefer: wait`` / ``Prefer: wait=N`` (RFC 7240), capped; 0 if not asked.
     As the RFC says, a preference that cannot be understood is ignored."""
@@ -119,13 +137,15 @@ def preferred_wait(prefer: str | None, cap: float) -> float:
     return 0.0
 
 
-def final_answer(request_id: str, entry: dict[str, Any]) -> HTTPResponse:
+def final_answer(request_id: str, entry: dict[str, Any], headers: dict[str, str]) -> HTTPResponse:
     """What a wait-mode client gets: the upstream's chat.completion unchanged, or an OpenAI-shaped
     error with the status the SDK maps to the right exception, told not to retry (we did)."""
     if entry["status"] == Status.COMPLETED.value:
         reply = HTTPResponse(body=entry["response_json"], status=200)
         reply.content_type = "application/json"
-        reply.set_header("X-Request-Id", request_id)
+        for name, value in headers.items():
+            if name != "Location":
+                reply.set_header(name, value)
         return reply
     error = entry.get("error") or {}
     upstream = error.get("upstream_status")
@@ -141,12 +161,11 @@ def final_answer(request_id: str, entry: dict[str, Any]) -> HTTPResponse:
             "param": None,
             "code": error.get("code"),
         }
-    return json_response(
-        status, {"error": payload}, headers={"X-Request-Id": request_id, "x-should-retry": "false"}
-    )
+    kept = {name: value for name, value in headers.items() if name != "Location"}
+    return json_response(status, {"error": payload}, headers={**kept, "x-should-retry": "false"})
 
 
-def _quietly(action: Callable[[str], Any], request_id: str) -> Any:
+def _quietly(action: Callable[[str], T], request_id: str) -> T | None:
     try:
         return action(request_id)
     except StorageUnavailable:
@@ -184,7 +203,7 @@ def create_app(
     api.config["catchall"] = False
 
     def authenticate() -> str | HTTPResponse:
-        owner = keys.owner(presented_key(request.headers))
+        owner = keys.owner(presented_key(header("X-API-Key"), header("Authorization")))
         if owner is None:
             return error_response(
                 401,
@@ -238,52 +257,80 @@ def create_app(
             if problem:
                 detail = {"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}
                 return error_response(400, "Invalid request body", "validation_error", details=[detail])
+        key = header("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            return error_response(
+                400,
+                "Idempotency-Key must be 1 to 255 printable ASCII characters.",
+                "invalid_request_error",
+                param="Idempotency-Key",
+            )
         # Streamed answers in wait mode are not relayed yet: such requests are queued as usual.
-        wait = (
-            0.0
-            if body.get("stream")
-            else preferred_wait(request.headers.get("Prefer"), settings.sync_wait_max)
-        )
-        request_id = new_request_id()
-        job = Job(request_id=request_id, body=body, owner=owner, submitted_at=now_ms())
-        # Watched before the put, so a result that comes back at once is not missed.
-        with waiters.watch(request_id) as became_final:
-            try:
-                if queue.counts()[0] >= settings.max_queue:
-                    return error_response(
-                        429,
-                        f"The queue is full ({settings.max_queue} requests waiting); retry later.",
-                        "queue_full",
-                        headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
-                    )
-                queue.put(job)
-            except StorageUnavailable as exc:
-                return unavailable(exc)
-            notify()
-            if wait:
-                became_final.wait(wait)
-                found = _quietly(lookup, request_id)
-                if found is not None and Status(found[0]["status"]).final:
-                    return final_answer(request_id, found[0])
+        wait = 0.0 if body.get("stream") else preferred_wait(header("Prefer"), settings.sync_wait_max)
+        job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms())
         try:
-            # Ours is the newest waiting job (puts in this process do not interleave unless a locked
-            # database made one wait), so its place is the waiting count; 0 once the worker took it.
-            position, active = queue.counts()
-        except StorageUnavailable:
-            position, active = 0, 0
+            if queue.counts()[0] >= settings.max_queue:
+                return error_response(
+                    429,
+                    f"The queue is full ({settings.max_queue} requests waiting); retry later.",
+                    "queue_full",
+                    headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
+                )
+            request_id = queue.put_once(job, key) if key else job.request_id
+            if not key:
+                queue.put(job)
+        except IdempotencyConflict as exc:
+            return error_response(
+                422,
+                "This Idempotency-Key was already used with a different request body.",
+                "idempotency_error",
+                request_id=exc.request_id,
+            )
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        replayed = request_id != job.request_id
+        if not replayed:
+            notify()
         headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        found = await_final(request_id, wait) if wait else None
+        if found is not None and Status(found[0]["status"]).final:
+            return final_answer(request_id, found[0], headers)
+        if replayed:
+            found = found or _quietly(lookup, request_id)
+            status = found[0]["status"] if found else Status.PENDING.value
+            position = (found[1] if found else None) or 0
+            active = _quietly(lambda _: queue.counts()[1], request_id) or 0
+        else:
+            status = Status.PENDING.value
+            try:
+                # Ours is the newest waiting job (puts here do not interleave unless a locked database
+                # made one wait), so its place is the waiting count; 0 once the worker took it.
+                position, active = queue.counts()
+            except StorageUnavailable:
+                position, active = 0, 0
         if wait:
             headers["Retry-After"] = RETRY_AFTER_POLL
         return json_response(
             202,
             {
                 "request_id": request_id,
-                "status": Status.PENDING.value,
+                "status": status,
                 "queue_position": position,
                 "active_requests": active,
             },
             headers=headers,
         )
+
+    def await_final(request_id: str, seconds: float) -> tuple[dict[str, Any], int | None] | None:
+        """The request's status once final, or as it stands after ``seconds``."""
+        with waiters.watch(request_id) as became_final:
+            found = _quietly(lookup, request_id)
+            if found is None or not Status(found[0]["status"]).final:
+                became_final.wait(seconds)
+                found = _quietly(lookup, request_id) or found
+        return found
 
     @api.get("/v1/chat/completions/<request_id:path>")
     def status(request_id: str) -> HTTPResponse:

@@ -7,7 +7,7 @@ import hmac
 import os
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -38,11 +38,11 @@ class KeyChecker:
         return found
 
 
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    key = headers.get("X-API-Key")
-    if key:
-        return key.strip()
-    authorization = headers.get("Authorization") or ""
+def presented_key(api_key_header: str | None, authorization_header: str | None) -> str | None:
+    """The key from ``X-API-Key``, else from ``Authorization: Bearer``."""
+    if api_key_header and api_key_header.strip():
+        return api_key_header.strip()
+    authorization = authorization_header or ""
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()

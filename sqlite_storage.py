@@ -31,7 +31,17 @@ import persistqueue
 import persistqueue.serializers.json as json_serializer
 from gevent import monkey
 
-from storage import Claim, Job, JobQueue, Queued, StatusStore, StorageUnavailable
+from storage import (
+    IDEMPOTENCY_WINDOW,
+    Claim,
+    IdempotencyConflict,
+    Job,
+    JobQueue,
+    Queued,
+    StatusStore,
+    StorageUnavailable,
+    body_digest,
+)
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
@@ -112,7 +122,14 @@ CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_delete AFTER DELETE ON {_TABLE} BEGI
 END;
 CREATE TABLE IF NOT EXISTS {_TABLE}_ids (request_id TEXT PRIMARY KEY, ticket INTEGER NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {_TABLE}_idempotency (
+    owner TEXT NOT NULL, key TEXT NOT NULL, request_id TEXT NOT NULL, body_hash TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (owner, key)) WITHOUT ROWID;
 """
+_FIND_KEY = (
+    f"SELECT request_id, body_hash FROM {_TABLE}_idempotency WHERE owner = ? AND key = ? AND created_at > ?"
+)
+_RECORD_KEY = f"INSERT OR REPLACE INTO {_TABLE}_idempotency VALUES (?, ?, ?, ?, ?)"
 # A job found by request id, with its place in line when it waits, counted from whichever end of
 # the line is nearer (O(distance), not O(backlog)); CASE runs only the count it picks. The body
 # comes out as JSON text, never decoded.
@@ -232,17 +249,38 @@ class PersistJobQueue(JobQueue):
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 
     def put(self, job: Job) -> int:
-        return self._put((json_serializer.dumps(job.to_dict()), job.request_id))
+        # Without a key the result is always the new job's ticket.
+        return int(self._put((json_serializer.dumps(job.to_dict()), job, None)))  # type: ignore[arg-type]
 
-    def _insert(self, items: list[tuple[bytes, str]]) -> list[int]:
-        tickets = []
+    def put_once(self, job: Job, key: str) -> str:
+        result = self._put((json_serializer.dumps(job.to_dict()), job, key))
+        if isinstance(result, IdempotencyConflict):
+            raise result
+        return job.request_id if isinstance(result, int) else result
+
+    def _insert(self, items: list[tuple[bytes, Job, str | None]]) -> list[int | str | IdempotencyConflict]:
+        """Each item's ticket; for a key already used within the window, the earlier request id
+        (same body) or a conflict (another body). Keys are checked and recorded in the same
+        transaction as the jobs, so two racing submits with one key queue once."""
+        results: list[int | str | IdempotencyConflict] = []
         now = time.time()
         with _immediate(self._writer) as connection:
-            for data, request_id in items:
+            for data, job, key in items:
+                digest = body_digest(job.body) if key is not None else ""
+                if key is not None:
+                    earlier = connection.execute(
+                        _FIND_KEY, (job.owner, key, now - IDEMPOTENCY_WINDOW)
+                    ).fetchone()
+                    if earlier is not None:
+                        same = earlier[1] == digest
+                        results.append(str(earlier[0]) if same else IdempotencyConflict(str(earlier[0])))
+                        continue
                 ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
-                connection.execute(_INSERT_ID, (request_id, ticket))
-                tickets.append(ticket)
-        return tickets
+                connection.execute(_INSERT_ID, (job.request_id, ticket))
+                if key is not None:
+                    connection.execute(_RECORD_KEY, (job.owner, key, job.request_id, digest, now))
+                results.append(ticket)
+        return results
 
     def _mark_acked(self, tickets: list[int]) -> list[None]:
         with _immediate(self._claimer) as connection:
@@ -318,6 +356,10 @@ class PersistJobQueue(JobQueue):
                 connection.execute(
                     f"DELETE FROM {_TABLE}_ids WHERE ticket IN (SELECT _id FROM {_TABLE} WHERE status = ?)",
                     (_ACKED,),
+                )
+                connection.execute(
+                    f"DELETE FROM {_TABLE}_idempotency WHERE created_at < ?",
+                    (time.time() - IDEMPOTENCY_WINDOW,),
                 )
                 return int(connection.execute(f"DELETE FROM {_TABLE} WHERE status = ?", (_ACKED,)).rowcount)
 

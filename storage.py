@@ -8,6 +8,7 @@ new pair of subclasses run against the same test suite (``tests/test_storage.py`
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -28,6 +29,24 @@ class Status(StrEnum):
 
 class StorageUnavailable(Exception):
     """The back end could not durably store or read (disk full, locked, not writable)."""
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used, within the window, for a request with another body."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the key was used for request {request_id} with another body")
+        self.request_id = request_id
+
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+"""Seconds an idempotency key keeps pointing at its request."""
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """The same JSON whatever its key order or spacing gives the same digest."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def now_ms() -> int:
@@ -105,6 +124,12 @@ class JobQueue:
 
     def find(self, request_id: str) -> Queued | None:
         """The job with this id while it is not finished (waiting or in flight)."""
+        raise NotImplementedError
+
+    def put_once(self, job: Job, key: str) -> str:
+        """Store the job unless this owner used ``key`` within ``IDEMPOTENCY_WINDOW``: then return
+        that earlier request's id (same body) or raise IdempotencyConflict (another body). Returns
+        the id of the request that stands for this submit. Checked and recorded atomically."""
         raise NotImplementedError
 
     def claim_many(self, limit: int) -> list[Claim]:

@@ -43,15 +43,20 @@ class Harness:
     def nudge(self) -> None:
         self.nudges += 1
 
-    def submit(self, payload: Any = None, key: str = API_KEY, status: int | str = "*", **kw: Any) -> Any:
+    def submit(
+        self,
+        payload: Any = None,
+        key: str = API_KEY,
+        status: int | str = "*",
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         data = payload if isinstance(payload, bytes) else json.dumps(body() if payload is None else payload)
         return self.app.post(
             "/v1/chat/completions",
             data,
-            headers={"X-API-Key": key},
+            headers={"X-API-Key": key, **(headers or {})},
             content_type="application/json",
             status=status,
-            **kw,
         )
 
     def get(self, request_id: str, key: str = API_KEY) -> Any:
@@ -384,3 +389,48 @@ def test_long_poll_is_capped_and_answers_the_current_status(tmp_path: Path) -> N
     with gevent.Timeout(15):
         reply = app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})
     assert reply.json["status"] == "pending" and reply.headers["Retry-After"] == "1"
+
+
+def test_idempotency_key_replays_the_original_request(h: Harness) -> None:
+    first = h.submit(body("once"), headers={"Idempotency-Key": "order-42"}, status=202)
+    again = h.submit(body("once"), headers={"Idempotency-Key": "order-42"}, status=202)
+    assert again.json["request_id"] == first.json["request_id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert h.queue.waiting() == 1 and h.nudges == 1
+    conflict = h.submit(body("changed"), headers={"Idempotency-Key": "order-42"})
+    error = assert_error(conflict, 422, "idempotency_error")
+    assert error["request_id"] == first.json["request_id"]
+    # Keys belong to the API key that used them.
+    other = h.submit(body("once"), key=OTHER_KEY, headers={"Idempotency-Key": "order-42"}, status=202)
+    assert other.json["request_id"] != first.json["request_id"]
+
+
+@pytest.mark.parametrize("key", ["", " leading-space", "x" * 256, "tab\\there", "é"])
+def test_malformed_idempotency_keys_are_400(h: Harness, key: str) -> None:
+    reply = h.app.post(
+        "/v1/chat/completions",
+        json.dumps(body()),
+        headers={"X-API-Key": API_KEY, "Idempotency-Key": key.replace("\\t", "\t")},
+        status="*",
+        expect_errors=True,
+    )
+    error = assert_error(reply, 400, "invalid_request_error")
+    assert error["param"] == "Idempotency-Key"
+
+
+def test_headers_that_are_not_utf8_are_refused_not_crashed(h: Harness) -> None:
+    # WSGI hands headers over as latin-1; bytes that are not UTF-8 must be a plain 401/400.
+    for name in ["HTTP_X_API_KEY", "HTTP_AUTHORIZATION"]:
+        reply = h.app.post(
+            "/v1/chat/completions", json.dumps(body()), extra_environ={name: "\xe9\xff"}, status="*"
+        )
+        assert_error(reply, 401, "authentication_error")
+    reply = h.app.post(
+        "/v1/chat/completions",
+        json.dumps(body()),
+        headers={"X-API-Key": API_KEY},
+        extra_environ={"HTTP_PREFER": "wait=\xe9", "HTTP_IDEMPOTENCY_KEY": "ok-key"},
+        status="*",
+    )
+    assert reply.status_int == 202

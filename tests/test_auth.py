@@ -23,11 +23,12 @@ def test_owner_tag_does_not_contain_the_key() -> None:
 
 
 def test_presented_key_from_either_header() -> None:
-    assert presented_key({"X-API-Key": " k1 "}) == "k1"
-    assert presented_key({"Authorization": "Bearer k2"}) == "k2"
-    assert presented_key({"Authorization": "bearer k3"}) == "k3"
-    assert presented_key({"Authorization": "Basic k4"}) is None
-    assert presented_key({}) is None
+    assert presented_key(" k1 ", None) == "k1"
+    assert presented_key(" k1 ", "Bearer other") == "k1"
+    assert presented_key(None, "Bearer k2") == "k2"
+    assert presented_key("", "bearer k3") == "k3"
+    assert presented_key(None, "Basic k4") is None
+    assert presented_key(None, None) is None
 
 
 def test_generated_key_is_strong_private_and_printed_once(tmp_path: Path) -> None:

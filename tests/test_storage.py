@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from sqlite_storage import DiskcacheStatusStore, PersistJobQueue
-from storage import Job, JobQueue, StatusStore
+from storage import IdempotencyConflict, Job, JobQueue, StatusStore
 
 
 def place(queue: JobQueue, n: int) -> int | None:
@@ -212,3 +212,34 @@ class TestDiskcacheStatusStore(StatusStoreContract):
             store.put(f"r{i}", {"status": "pending", "request": "x" * 1000})
         assert all(store.get(f"r{i}") is not None for i in range(100))
         store.close()
+
+
+class TestIdempotency:
+    @pytest.fixture
+    def queue(self, tmp_path: Path) -> Iterator[PersistJobQueue]:
+        q = PersistJobQueue(tmp_path / "queue")
+        yield q
+        q.close()
+
+    def test_same_key_and_body_stand_for_the_first_request(self, queue: PersistJobQueue) -> None:
+        first = Job(request_id="chatreq_first000000000000", body={"a": 1, "b": [1, 2]}, owner="o")
+        again = Job(request_id="chatreq_again000000000000", body={"b": [1, 2], "a": 1}, owner="o")
+        assert queue.put_once(first, "k1") == first.request_id
+        assert queue.put_once(again, "k1") == first.request_id  # key order aside, the same JSON
+        assert queue.waiting() == 1
+        other_owner = Job(request_id="chatreq_other000000000000", body={"a": 1, "b": [1, 2]}, owner="p")
+        assert queue.put_once(other_owner, "k1") == other_owner.request_id
+
+    def test_same_key_with_another_body_conflicts(self, queue: PersistJobQueue) -> None:
+        queue.put_once(job(0), "k")
+        with pytest.raises(IdempotencyConflict) as conflict:
+            queue.put_once(job(1), "k")
+        assert conflict.value.request_id == job(0).request_id
+        assert queue.waiting() == 1
+
+    def test_racing_submits_with_one_key_queue_once(self, queue: PersistJobQueue) -> None:
+        copies = [Job(request_id=f"chatreq_race{i:016d}", body={"same": True}, owner="o") for i in range(20)]
+        greenlets = [gevent.spawn(queue.put_once, j, "race") for j in copies]
+        gevent.joinall(greenlets, raise_error=True)
+        assert {g.value for g in greenlets} == {copies[0].request_id}
+        assert queue.waiting() == 1

@@ -106,3 +106,19 @@ def test_not_finished_within_the_wait_is_a_202_to_poll(make_service: MakeService
 )
 def test_prefer_header_parsing(prefer: str | None, seconds: float) -> None:
     assert preferred_wait(prefer, 25.0) == seconds
+
+
+def test_idempotent_retry_in_wait_mode_gets_the_original_result(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service()
+    fake_upstream.reset()
+    headers = {**service.headers(), "Prefer": "wait", "Idempotency-Key": "retry-me"}
+    sent = body("once only", x_fake={"key": "idem-wait", "delay": 0.2})
+    first = requests.post(f"{service.url}/v1/chat/completions", json=sent, headers=headers, timeout=30)
+    again = requests.post(f"{service.url}/v1/chat/completions", json=sent, headers=headers, timeout=30)
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()
+    assert again.headers["X-Request-Id"] == first.headers["X-Request-Id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert fake_upstream.stats()["by_key"] == {"idem-wait": 1}
