@@ -43,9 +43,10 @@ from storage import (
     now_ms,
 )
 from validation import BodyError, parse_chat_completion
-from views import status_json
+from views import status_json, webhook_json
 from waiters import Waiters
 from webhook_safety import check_url_literal
+from webhooks import owe_webhook
 
 log = logging.getLogger("llm_proxy.api")
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class ApiSettings:
     max_queue: int
     webhook_allow_private: bool = False
     sync_wait_max: float = 25.0
+    result_ttl: float = 3600.0
+    cancel_wait: float = 5.0
+    """How long a DELETE waits for the worker to abort a running call before answering 202."""
 
 
 def new_request_id() -> str:
@@ -140,6 +144,9 @@ def preferred_wait(prefer: str | None, cap: float) -> float:
 def final_answer(request_id: str, entry: dict[str, Any], headers: dict[str, str]) -> HTTPResponse:
     """What a wait-mode client gets: the upstream's chat.completion unchanged, or an OpenAI-shaped
     error with the status the SDK maps to the right exception, told not to retry (we did)."""
+    if entry["status"] == Status.CANCELLED.value:
+        kept = {name: value for name, value in headers.items() if name != "Location"}
+        return error_response(409, "The request was cancelled.", "request_cancelled", headers=kept)
     if entry["status"] == Status.COMPLETED.value:
         reply = HTTPResponse(body=entry["response_json"], status=200)
         reply.content_type = "application/json"
@@ -195,6 +202,8 @@ def create_app(
     settings: ApiSettings,
     notify: Callable[[], None] = lambda: None,
     waiters: Waiters | None = None,
+    signal_cancel: Callable[[str], None] = lambda request_id: None,
+    outbox: JobQueue | None = None,
 ) -> WSGIApp:
     waiters = Waiters() if waiters is None else waiters
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
@@ -322,6 +331,57 @@ def create_app(
             },
             headers=headers,
         )
+
+    @api.delete("/v1/chat/completions/<request_id:path>")
+    def cancel(request_id: str) -> HTTPResponse:
+        owner = authenticate()
+        if isinstance(owner, HTTPResponse):
+            return owner
+        if not REQUEST_ID.match(request_id):
+            return not_found()
+        try:
+            found = lookup(request_id)
+            if found is None or found[0].get("owner") != owner:
+                return not_found()
+            entry = found[0]
+            if entry["status"] in (Status.COMPLETED.value, Status.ERROR.value):
+                return error_response(
+                    409, f"The request already ended ({entry['status']}).", "request_not_cancellable"
+                )
+            if entry["status"] != Status.CANCELLED.value:
+                outcome = queue.cancel(request_id)
+                if outcome == "cancelled":
+                    # Never handed to the worker: it ends here.
+                    entry = finish_cancelled(request_id, entry)
+                elif outcome == "in_flight":
+                    signal_cancel(request_id)
+                    found = await_final(request_id, settings.cancel_wait) or found
+                    entry = found[0]
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        reply = HTTPResponse(body=status_json(request_id, entry), status=200)
+        if not Status(entry["status"]).final:
+            reply.status = 202
+        reply.content_type = "application/json"
+        return reply
+
+    def finish_cancelled(request_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+        queued_body = json.loads(entry["request_json"])
+        final = {
+            **{k: v for k, v in entry.items() if k in ("request_json", "owner", "attempts")},
+            "status": Status.CANCELLED.value,
+            "timestamp": now_ms(),
+            "expires_at": now_ms() / 1000 + settings.result_ttl,
+        }
+        url = queued_body.get("webhookUrl") if isinstance(queued_body, dict) else None
+        if url and outbox is not None:
+            final["webhook"] = {"state": "pending", "attempts": 0}
+        statuses.put(request_id, final, ttl=settings.result_ttl)
+        if url and outbox is not None:
+            owe_webhook(outbox, request_id, final["owner"], str(url), webhook_json(request_id, final))
+            notify()
+        waiters.wake(request_id)
+        return final
 
     def await_final(request_id: str, seconds: float) -> tuple[dict[str, Any], int | None] | None:
         """The request's status once final, or as it stands after ``seconds``."""

@@ -20,11 +20,11 @@ from auth import KeyChecker, generated_key
 from config import Config, ConfigError, load_from_process_env
 from http_errors import WSGIApp
 from logs import setup_logging
-from sqlite_storage import open_storage
+from sqlite_storage import open_outbox, open_storage
 from storage import StorageUnavailable
 from supervisor import WorkerSupervisor
 from waiters import Waiters
-from wakeup import WEB, WakeupListener, WakeupSender
+from wakeup import CANCEL_PREFIX, WEB, WakeupListener, WakeupSender
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -48,6 +48,7 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
     config = config or load_from_process_env()
     keys = config.api_keys or (generated_key(config.data_dir),)
     queue, statuses = open_storage(config.data_dir)
+    outbox = open_outbox(config.data_dir)
     sender = WakeupSender(config.data_dir)
     listener = WakeupListener(config.data_dir, WEB)
     waiters = Waiters()
@@ -61,11 +62,14 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
             max_queue=config.max_queue,
             webhook_allow_private=config.webhook_allow_private,
             sync_wait_max=config.sync_wait_max,
+            result_ttl=config.result_ttl,
         ),
         notify=sender.notify,
         waiters=waiters,
+        signal_cancel=lambda request_id: sender.notify(CANCEL_PREFIX + request_id.encode("ascii")),
+        outbox=outbox,
     )
-    return app, Web(app=app, config=config, closers=[waiters, sender, listener, queue, statuses])
+    return app, Web(app=app, config=config, closers=[waiters, sender, listener, queue, outbox, statuses])
 
 
 def make_listener(host: str, port: int) -> socket.socket:

@@ -122,6 +122,7 @@ CREATE TRIGGER IF NOT EXISTS {_TABLE}_count_delete AFTER DELETE ON {_TABLE} BEGI
 END;
 CREATE TABLE IF NOT EXISTS {_TABLE}_ids (request_id TEXT PRIMARY KEY, ticket INTEGER NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {_TABLE}_cancels (request_id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS {_TABLE}_idempotency (
     owner TEXT NOT NULL, key TEXT NOT NULL, request_id TEXT NOT NULL, body_hash TEXT NOT NULL,
     created_at REAL NOT NULL, PRIMARY KEY (owner, key)) WITHOUT ROWID;
@@ -162,7 +163,10 @@ _INSERT_ID = f"INSERT OR REPLACE INTO {_TABLE}_ids (request_id, ticket) VALUES (
 # there, so acked rows not yet compacted away are never scanned (persist-queue's own get starts at
 # id 0 and slows down as they pile up).
 _CLAIM = f"""
-SELECT _id, data, status FROM {_TABLE} NOT INDEXED
+SELECT _id, data, status,
+    EXISTS (SELECT 1 FROM {_TABLE}_ids AS i JOIN {_TABLE}_cancels AS c ON c.request_id = i.request_id
+            WHERE i.ticket = _id)
+FROM {_TABLE} NOT INDEXED
 WHERE status < {_IN_FLIGHT} AND _id >= (
     SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0
                         UNION ALL SELECT MIN(_id) FROM {_TABLE} WHERE status = 1))
@@ -193,10 +197,14 @@ class _GroupCommit(Generic[I, R]):
         if not self._leading:
             self._leading = True
             try:
-                gevent.sleep(0)
-                while self._batch:
-                    batch, self._batch = self._batch, []
-                    self._commit(batch)
+                try:
+                    gevent.sleep(0)
+                finally:
+                    # Committed even when this greenlet is killed while it yields (shutdown,
+                    # cancel): the others in the batch are waiting on it.
+                    while self._batch:
+                        batch, self._batch = self._batch, []
+                        self._commit(batch)
             finally:
                 self._leading = False
         value: R = result.get()
@@ -206,9 +214,16 @@ class _GroupCommit(Generic[I, R]):
         items = [item for item, _ in batch]
         try:
             values = _retrying(self._what, lambda: self._write(items), self._patience)
-        except StorageUnavailable as exc:
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, StorageUnavailable)
+                else StorageUnavailable(f"{self._what}: interrupted")
+            )
             for _, result in batch:
-                result.set_exception(exc)
+                result.set_exception(failure)
+            if failure is not exc:
+                raise
             return
         for (_, result), value in zip(batch, values, strict=True):
             result.set(value)
@@ -316,9 +331,35 @@ class PersistJobQueue(JobQueue):
 
         rows = _retrying("cannot claim jobs", take, self._patience)
         return [
-            Claim(ticket=int(t), job=Job.from_dict(json_serializer.loads(data)), fresh=int(status) == 0)
-            for t, data, status in rows
+            Claim(
+                ticket=int(t),
+                job=Job.from_dict(json_serializer.loads(data)),
+                fresh=int(status) == 0,
+                cancel_requested=bool(cancelled),
+            )
+            for t, data, status, cancelled in rows
         ]
+
+    def cancel(self, request_id: str) -> str | None:
+        def mark() -> str | None:
+            with _immediate(self._writer) as connection:
+                row = connection.execute(
+                    f"SELECT t._id, t.status FROM {_TABLE}_ids AS i JOIN {_TABLE} AS t ON t._id = i.ticket"
+                    " WHERE i.request_id = ?",
+                    (request_id,),
+                ).fetchone()
+                if row is None or int(row[1]) >= _ACKED:
+                    return None
+                if int(row[1]) < _IN_FLIGHT:
+                    connection.execute(_ACK, (row[0],))
+                    return "cancelled"
+                connection.execute(f"INSERT OR IGNORE INTO {_TABLE}_cancels VALUES (?)", (request_id,))
+                return "in_flight"
+
+        return _retrying("cannot cancel the job", mark, self._patience)
+
+    def cancel_requested(self, request_id: str) -> bool:
+        return self._scalar(f"SELECT 1 FROM {_TABLE}_cancels WHERE request_id = ?", (request_id,)) is not None
 
     def ack(self, ticket: int) -> None:
         self._ack(ticket)
@@ -353,6 +394,11 @@ class PersistJobQueue(JobQueue):
     def compact(self) -> int:
         def delete() -> int:
             with _immediate(self._reader) as connection:
+                connection.execute(
+                    f"DELETE FROM {_TABLE}_cancels WHERE request_id IN (SELECT i.request_id FROM {_TABLE}_ids"
+                    f" AS i JOIN {_TABLE} AS t ON t._id = i.ticket WHERE t.status = ?)",
+                    (_ACKED,),
+                )
                 connection.execute(
                     f"DELETE FROM {_TABLE}_ids WHERE ticket IN (SELECT _id FROM {_TABLE} WHERE status = ?)",
                     (_ACKED,),

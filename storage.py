@@ -21,10 +21,11 @@ class Status(StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     ERROR = "error"
+    CANCELLED = "cancelled"
 
     @property
     def final(self) -> bool:
-        return self in (Status.COMPLETED, Status.ERROR)
+        return self in (Status.COMPLETED, Status.ERROR, Status.CANCELLED)
 
 
 class StorageUnavailable(Exception):
@@ -94,6 +95,7 @@ class Claim:
     job: Job
     fresh: bool = False
     """Never handed out before: no earlier attempt can have left a status behind."""
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +132,16 @@ class JobQueue:
         """Store the job unless this owner used ``key`` within ``IDEMPOTENCY_WINDOW``: then return
         that earlier request's id (same body) or raise IdempotencyConflict (another body). Returns
         the id of the request that stands for this submit. Checked and recorded atomically."""
+        raise NotImplementedError
+
+    def cancel(self, request_id: str) -> str | None:
+        """Cancel a queued job in one step: ``"cancelled"`` if it was waiting (it will never be
+        handed out), ``"in_flight"`` if it is claimed (the cancellation is recorded for the
+        consumer: see ``cancel_requested``), None if it is not in the queue."""
+        raise NotImplementedError
+
+    def cancel_requested(self, request_id: str) -> bool:
+        """Whether a cancellation was recorded for this in-flight job."""
         raise NotImplementedError
 
     def claim_many(self, limit: int) -> list[Claim]:

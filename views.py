@@ -35,4 +35,6 @@ def webhook_json(request_id: str, entry: dict[str, Any]) -> str:
     head = f'{{"request_id": {json.dumps(request_id)}, "status": {json.dumps(entry["status"])}, '
     if entry["status"] == "completed":
         return head + f'"response": {entry["response_json"]}}}'
+    if entry["status"] == "cancelled":
+        return head.rstrip(", ") + "}"
     return head + f'"error": {json.dumps(entry.get("error"))}}}'

@@ -21,6 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger("llm_proxy.wakeup")
 
+CANCEL_PREFIX = b"cancel:"
+"""A message to the worker that cancels the running request whose id follows."""
 WORKER = "worker"
 WEB = "web"
 _MAX_MESSAGE = 256

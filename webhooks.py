@@ -69,6 +69,16 @@ def retry_delay(failures: int, base: float, retry_after: float | None, rand: ran
     return base * SCHEDULE[failures - 1] * rand.uniform(1 - JITTER, 1 + JITTER)
 
 
+def owe_webhook(outbox: JobQueue, request_id: str, owner: str, url: str, payload: str) -> None:
+    """Put a delivery of ``payload`` (JSON text) to ``url`` in the outbox; the worker delivers it."""
+    job = Job(
+        request_id=request_id,
+        owner=owner,
+        body={"url": url, "body": payload, "webhook_id": f"msg_{request_id}"},
+    )
+    outbox.put(job)
+
+
 class WebhookSender:
     """Makes one signed POST to a checked destination, reading only the start of the answer."""
 
@@ -194,13 +204,7 @@ class WebhookDeliverer:
 
     def enqueue(self, request_id: str, owner: str, url: str, payload: str) -> None:
         """Owe a delivery of this JSON (durably; raises StorageUnavailable if it could not be recorded)."""
-        body = payload
-        job = Job(
-            request_id=request_id,
-            owner=owner,
-            body={"url": url, "body": body, "webhook_id": f"msg_{request_id}"},
-        )
-        self._outbox.put(job)
+        owe_webhook(self._outbox, request_id, owner, url, payload)
         self._nudged.set()
 
     def stop(self) -> None:

@@ -32,6 +32,7 @@ from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailabl
 from supervisor import EXIT_LOCKED
 from upstream import Outcome, backoff_delay
 from views import webhook_json
+from wakeup import CANCEL_PREFIX
 from webhooks import WebhookDeliverer, WebhookSender
 
 log = logging.getLogger("llm_proxy.worker")
@@ -51,7 +52,7 @@ class WebhookOutbox(Protocol):
 
 
 class Waker(Protocol):
-    def wait(self, timeout: float) -> bool: ...
+    def receive(self, timeout: float) -> list[bytes]: ...
 
 
 class _Slot:
@@ -65,6 +66,10 @@ class _Slot:
         if self._held:
             self._held = False
             self._semaphore.release()
+
+
+class _Cancelled(Exception):
+    """Raised inside a job's greenlet when its cancellation arrives."""
 
 
 class _GracefulStop(Exception):
@@ -119,6 +124,7 @@ class Worker:
         # as soon as its last call is answered, so bookkeeping never delays the next call.
         self._slots = gevent.lock.BoundedSemaphore(settings.max_concurrent)
         self._jobs = gevent.pool.Group()
+        self._running: dict[str, gevent.Greenlet[..., None]] = {}
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()
@@ -150,8 +156,17 @@ class Worker:
         if self._waker is None:
             return
         while not self._stopping.is_set():
-            if self._waker.wait(self._poll_interval):
-                self._nudged.set()
+            for message in self._waker.receive(self._poll_interval):
+                if message.startswith(CANCEL_PREFIX):
+                    self.cancel(message[len(CANCEL_PREFIX) :].decode("ascii", "replace"))
+                else:
+                    self._nudged.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Abort the job's upstream call (or its backoff) if it is running here."""
+        running = self._running.get(request_id)
+        if running is not None:
+            running.kill(_Cancelled, block=False)
 
     def _loop(self) -> None:
         next_compact = time.monotonic() + COMPACT_INTERVAL
@@ -178,7 +193,10 @@ class Worker:
             )
             for claim in claims:
                 self._slots.acquire()
-                self._jobs.spawn(self._run_job, claim, _Slot(self._slots))
+                request_id = claim.job.request_id
+                running = self._jobs.spawn(self._run_job, claim, _Slot(self._slots))
+                self._running[request_id] = running
+                running.link(lambda _, rid=request_id: self._running.pop(rid, None))
 
     def _maintain(self, task: Callable[[], int]) -> None:
         try:
@@ -203,6 +221,9 @@ class Worker:
             self._process(claim, slot)
         except _GracefulStop:
             self._put_back(claim)
+        except _Cancelled:
+            slot.release()
+            self._finish(claim, Status.CANCELLED, attempts=self._attempts_of(job))
         except StorageUnavailable as exc:
             log.error("request %s: storage failed, it will be retried: %s", job.request_id, exc)
             self._release_when_possible(claim)
@@ -237,6 +258,8 @@ class Worker:
 
     def _process(self, claim: Claim, slot: "_Slot") -> None:
         job = claim.job
+        if claim.cancel_requested:
+            raise _Cancelled
         # A job handed out for the first time cannot have a status yet.
         entry = None if claim.fresh else self._statuses.get(job.request_id)
         if entry is not None and Status(entry["status"]).final:
@@ -291,6 +314,8 @@ class Worker:
                 outcome.error.get("type"),
                 delay,
             )
+            if self._queue.cancel_requested(job.request_id):
+                raise _Cancelled
             self._sleep(delay)
 
     def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
