@@ -32,6 +32,8 @@ from http_errors import (
     error_response,
     json_response,
 )
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import Metrics, exposition
 from storage import (
     IdempotencyConflict,
     Job,
@@ -72,6 +74,7 @@ class ApiSettings:
     result_ttl: float = 3600.0
     cancel_wait: float = 5.0
     """How long a DELETE waits for the worker to abort a running call before answering 202."""
+    metrics_public: bool = False
 
 
 def new_request_id() -> str:
@@ -204,6 +207,8 @@ def create_app(
     waiters: Waiters | None = None,
     signal_cancel: Callable[[str], None] = lambda request_id: None,
     outbox: JobQueue | None = None,
+    metrics: Metrics | None = None,
+    render_metrics: Callable[[], bytes] | None = None,
 ) -> WSGIApp:
     waiters = Waiters() if waiters is None else waiters
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
@@ -240,6 +245,20 @@ def create_app(
     @api.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    def prometheus() -> HTTPResponse:
+        if not settings.metrics_public:
+            owner = authenticate()
+            if isinstance(owner, HTTPResponse):
+                return owner
+        try:
+            text = (render_metrics or exposition(queue.counts))()
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        reply = HTTPResponse(body=text, status=200)
+        reply.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        return reply
 
     @api.get("/openapi.json")
     def openapi_document() -> HTTPResponse:
@@ -377,6 +396,8 @@ def create_app(
         if url and outbox is not None:
             final["webhook"] = {"state": "pending", "attempts": 0}
         statuses.put(request_id, final, ttl=settings.result_ttl)
+        if metrics is not None:
+            metrics.finished(Status.CANCELLED.value)
         if url and outbox is not None:
             owe_webhook(outbox, request_id, final["owner"], str(url), webhook_json(request_id, final))
             notify()

@@ -50,6 +50,8 @@ class Config:
     webhook_allow_private: bool = False
     webhook_timeout: float = 10.0
     webhook_concurrency: int = 32
+    metrics_public: bool = False
+    """GET /metrics without a key (for a scraper on a private network)."""
     sync_wait_max: float = 25.0
     """Longest a long-poll or a wait-mode submit holds its connection (Heroku cuts at 30 s)."""
 
@@ -163,6 +165,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     take("WEBHOOK_TIMEOUT", "webhook_timeout", lambda n, r: _float(n, r, 0.01))
     take("WEBHOOK_CONCURRENCY", "webhook_concurrency", lambda n, r: _int(n, r, 1))
     take("SYNC_WAIT_MAX", "sync_wait_max", lambda n, r: _float(n, r, 0))
+    take("METRICS_PUBLIC", "metrics_public", _bool)
     port = values.get("port", 3000)
     if isinstance(port, int) and port > 65535:
         raise ConfigError(f"PORT must be <= 65535, got {port}")

@@ -20,6 +20,8 @@ from auth import KeyChecker, generated_key
 from config import Config, ConfigError, load_from_process_env
 from http_errors import WSGIApp
 from logs import setup_logging
+from metrics import ENV as METRICS_ENV
+from metrics import Metrics, enable_multiprocess, exposition
 from sqlite_storage import open_outbox, open_storage
 from storage import StorageUnavailable
 from supervisor import WorkerSupervisor
@@ -46,6 +48,8 @@ class Web:
 
 def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
     config = config or load_from_process_env()
+    if not os.environ.get(METRICS_ENV):
+        enable_multiprocess(config.data_dir, fresh=False)
     keys = config.api_keys or (generated_key(config.data_dir),)
     queue, statuses = open_storage(config.data_dir)
     outbox = open_outbox(config.data_dir)
@@ -63,7 +67,10 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
             webhook_allow_private=config.webhook_allow_private,
             sync_wait_max=config.sync_wait_max,
             result_ttl=config.result_ttl,
+            metrics_public=config.metrics_public,
         ),
+        metrics=Metrics(),
+        render_metrics=exposition(queue.counts),
         notify=sender.notify,
         waiters=waiters,
         signal_cancel=lambda request_id: sender.notify(CANCEL_PREFIX + request_id.encode("ascii")),
@@ -108,6 +115,9 @@ def run_web() -> int:
         print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    # Before anything imports prometheus_client; the embedded worker inherits it. A web process that
+    # starts its own worker starts the counters afresh.
+    enable_multiprocess(config.data_dir, fresh=config.embedded_worker)
     try:
         app, web = build_web(config)
     except (StorageUnavailable, OSError) as exc:

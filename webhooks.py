@@ -29,6 +29,7 @@ from requests_hardened.ip_filter import InvalidIPAddress
 from standardwebhooks.webhooks import Webhook
 
 from claiming import next_claims
+from metrics import Metrics
 from storage import Claim, Job, JobQueue, StatusStore, StorageUnavailable
 from upstream import parse_retry_after
 from webhook_safety import WebhookRefused, check_destination
@@ -189,6 +190,7 @@ class WebhookDeliverer:
         concurrency: int,
         poll_interval: float = 1.0,
         rand: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._outbox = outbox
         self._statuses = statuses
@@ -197,6 +199,7 @@ class WebhookDeliverer:
         self._sending = gevent.lock.BoundedSemaphore(concurrency)
         self._poll_interval = poll_interval
         self._rand = rand or random.Random()  # noqa: S311 - jitter, not secrets
+        self._metrics = metrics
         self._group = gevent.pool.Group()
         self._active: set[str] = set()
         self._nudged = gevent.event.Event()
@@ -270,6 +273,8 @@ class WebhookDeliverer:
                 state["state"] = (WebhookState.DELIVERED if attempt.delivered else WebhookState.FAILED).value
                 self._record(job.request_id, state)
                 self._outbox.ack(claim.ticket)
+                if self._metrics is not None:
+                    self._metrics.delivered(state["state"])
                 log.info(
                     "webhook for %s: %s after %d attempt(s)%s",
                     job.request_id,

@@ -28,6 +28,7 @@ import gevent.lock
 import gevent.pool
 
 from claiming import next_claims
+from metrics import Metrics
 from storage import Claim, Job, JobQueue, Status, StatusStore, StorageUnavailable, now_ms
 from supervisor import EXIT_LOCKED
 from upstream import Outcome, backoff_delay
@@ -110,6 +111,7 @@ class Worker:
         sleep: Callable[[float], Any] = gevent.sleep,
         poll_interval: float = POLL_INTERVAL,
         announce: Callable[[str], None] = lambda request_id: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -120,6 +122,7 @@ class Worker:
         self._sleep = sleep
         self._poll_interval = poll_interval
         self._announce = announce
+        self._metrics = metrics
         # A slot is an upstream call that may be in flight: taken when a job is claimed, given back
         # as soon as its last call is answered, so bookkeeping never delays the next call.
         self._slots = gevent.lock.BoundedSemaphore(settings.max_concurrent)
@@ -287,12 +290,16 @@ class Worker:
             attempts += 1
             # Stored before the call, so a crash during it counts as an attempt.
             self._statuses.put(job.request_id, status_entry(job, Status.PROCESSING, attempts=attempts))
+            started = time.monotonic()
             try:
                 outcome = self._upstream.complete(job.body)
             except _GracefulStop:
                 # A call cut short by shutdown does not count against the request.
                 self._statuses.put(job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1))
                 raise
+            if self._metrics is not None:
+                kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
+                self._metrics.attempted(kind, time.monotonic() - started)
             if outcome.ok:
                 slot.release()
                 self._finish(claim, Status.COMPLETED, response_json=outcome.response_json, attempts=attempts)
@@ -329,6 +336,8 @@ class Worker:
         # again, and the redelivery path in _process completes whatever is missing.
         self._statuses.put(job.request_id, entry, ttl=ttl)
         self._announce(job.request_id)
+        if self._metrics is not None:
+            self._metrics.finished(status.value)
         if wants_webhook:
             self._owe_webhook(job, entry)
         self._queue.ack(claim.ticket)
@@ -383,6 +392,8 @@ def _watch_parent(expected: int, worker: Worker) -> None:
 def main() -> int:
     from config import ConfigError, load_from_process_env
     from logs import setup_logging
+    from metrics import ENV as METRICS_ENV
+    from metrics import enable_multiprocess
     from sqlite_storage import open_outbox, open_storage
     from upstream import UpstreamClient
     from wakeup import WEB, WakeupListener, WakeupSender
@@ -393,6 +404,9 @@ def main() -> int:
         print(f"llm-proxy worker: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    if not os.environ.get(METRICS_ENV):
+        # Run on its own (not as web's child): share DATA_DIR/metrics with the web process.
+        enable_multiprocess(config.data_dir, fresh=False)
     lock = acquire_lock(config.data_dir)
     if lock is None:
         print(
@@ -416,12 +430,14 @@ def main() -> int:
         allow_private=config.webhook_allow_private,
         timeout=config.webhook_timeout,
     )
+    metrics = Metrics()
     deliverer = WebhookDeliverer(
         outbox=outbox,
         statuses=statuses,
         sender=sender,
         retry_base=config.webhook_retry_base,
         concurrency=config.webhook_concurrency,
+        metrics=metrics,
     )
     worker = Worker(
         queue=queue,
@@ -430,6 +446,7 @@ def main() -> int:
         waker=waker,
         webhooks=deliverer,
         announce=lambda request_id: finals.notify(request_id.encode("ascii")),
+        metrics=metrics,
         settings=WorkerSettings(
             max_concurrent=config.max_concurrent,
             max_retries=config.max_retries,

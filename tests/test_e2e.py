@@ -262,3 +262,35 @@ def test_long_poll_answers_as_soon_as_the_request_completes(
     )
     assert reply.status_code == 200 and reply.json()["status"] == "completed"
     assert "Retry-After" not in reply.headers
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_across_web_and_worker(make_service: MakeService, fake_upstream: FakeUpstream) -> None:
+    service = make_service(MAX_RETRIES="1", RETRY_BASE_DELAY="0.01")
+    ok = [service.submit(body(x_fake={"key": f"m-ok-{i}"})).json()["request_id"] for i in range(3)]
+    bad = service.submit(body(x_fake={"key": "m-bad", "fail_times": 9})).json()["request_id"]
+    for rid in [*ok, bad]:
+        service.wait_final(rid)
+    assert requests.get(f"{service.url}/metrics", timeout=5).status_code == 401
+    reply = requests.get(f"{service.url}/metrics", headers=service.headers(), timeout=5)
+    assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/plain")
+    text = reply.text
+    assert _metric(text, 'llm_proxy_requests_total{status="completed"}') == 3
+    assert _metric(text, 'llm_proxy_requests_total{status="error"}') == 1
+    assert _metric(text, 'llm_proxy_upstream_attempts_total{outcome="success"}') == 3
+    assert _metric(text, 'llm_proxy_upstream_attempts_total{outcome="upstream_error"}') == 2
+    assert _metric(text, "llm_proxy_upstream_seconds_count") == 5
+    assert _metric(text, "llm_proxy_queue_depth") == 0 and _metric(text, "llm_proxy_inflight") == 0
+    assert "llm_proxy_webhook_deliveries_total" in text
+
+
+def test_metrics_can_be_public(make_service: MakeService) -> None:
+    service = make_service(METRICS_PUBLIC="true")
+    reply = requests.get(f"{service.url}/metrics", timeout=5)
+    assert reply.status_code == 200 and "llm_proxy_queue_depth 0.0" in reply.text

@@ -1,0 +1,98 @@
+"""Prometheus metrics, correct across the web and worker processes.
+
+Counters and the histogram live in prometheus_client's multiprocess mode: every process writes its
+own files under ``DATA_DIR/metrics`` and the web process sums them when scraped. That mode is chosen
+by an environment variable read when prometheus_client is imported, so ``enable_multiprocess`` runs
+in the entry points before anything imports this module's metrics. Queue depth and in-flight calls
+are read from the queue at scrape time: exact whichever process changed them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def enable_multiprocess(data_dir: Path, *, fresh: bool) -> None:
+    """Point prometheus_client at ``DATA_DIR/metrics`` (emptied first when ``fresh``). Must run
+    before prometheus_client is imported; child processes inherit the setting."""
+    directory = data_dir / "metrics"
+    if fresh:
+        shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(directory)
+
+
+class Metrics:
+    """The counters the worker and the web process record into."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter(
+            "llm_proxy_requests_total", "Requests that reached a final state.", ["status"]
+        )
+        self.upstream_attempts = Counter(
+            "llm_proxy_upstream_attempts_total", "Upstream calls made, by outcome.", ["outcome"]
+        )
+        self.upstream_seconds = Histogram(
+            "llm_proxy_upstream_seconds",
+            "Duration of one upstream call.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.webhook_deliveries = Counter(
+            "llm_proxy_webhook_deliveries_total", "Webhook deliveries that ended, by state.", ["state"]
+        )
+        # Known label values start at 0, so a scraper sees every series before its first event.
+        for status in ("completed", "error", "cancelled"):
+            self.requests.labels(status=status)
+        for outcome in ("success", "upstream_error", "rate_limited", "timeout", "network_error"):
+            self.upstream_attempts.labels(outcome=outcome)
+        for state in ("delivered", "failed"):
+            self.webhook_deliveries.labels(state=state)
+
+    def finished(self, status: str) -> None:
+        self.requests.labels(status=status).inc()
+
+    def attempted(self, outcome: str, seconds: float) -> None:
+        self.upstream_attempts.labels(outcome=outcome).inc()
+        self.upstream_seconds.observe(seconds)
+
+    def delivered(self, state: str) -> None:
+        self.webhook_deliveries.labels(state=state).inc()
+
+
+def exposition(counts: Callable[[], tuple[int, int]]) -> Callable[[], bytes]:
+    """A function rendering every process's counters plus live queue gauges."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    class QueueCollector:
+        def collect(self) -> Iterator[Any]:
+            waiting, in_flight = counts()
+            yield GaugeMetricFamily(
+                "llm_proxy_queue_depth", "Requests waiting to be dispatched.", value=waiting
+            )
+            yield GaugeMetricFamily(
+                "llm_proxy_inflight",
+                "Requests being processed (upstream calls and their backoff).",
+                value=in_flight,
+            )
+
+    registry = CollectorRegistry()
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(QueueCollector())
+
+    def render() -> bytes:
+        return bytes(generate_latest(registry))
+
+    return render
