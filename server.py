@@ -54,6 +54,8 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
     queue, statuses = open_storage(config.data_dir)
     outbox = open_outbox(config.data_dir)
     sender = WakeupSender(config.data_dir)
+    # Cancellations must reach the worker; plain nudges may be dropped when its queue is full.
+    canceller = WakeupSender(config.data_dir, patience=1.0)
     listener = WakeupListener(config.data_dir, WEB)
     waiters = Waiters()
     waiters.start(listener)
@@ -73,10 +75,12 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
         render_metrics=exposition(queue.counts),
         notify=sender.notify,
         waiters=waiters,
-        signal_cancel=lambda request_id: sender.notify(CANCEL_PREFIX + request_id.encode("ascii")),
+        signal_cancel=lambda request_id: canceller.notify(CANCEL_PREFIX + request_id.encode("ascii")),
         outbox=outbox,
     )
-    return app, Web(app=app, config=config, closers=[waiters, sender, listener, queue, outbox, statuses])
+    return app, Web(
+        app=app, config=config, closers=[waiters, sender, canceller, listener, queue, outbox, statuses]
+    )
 
 
 def make_listener(host: str, port: int) -> socket.socket:

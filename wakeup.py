@@ -19,6 +19,8 @@ import os
 import socket
 from pathlib import Path
 
+import gevent.lock
+
 log = logging.getLogger("llm_proxy.wakeup")
 
 CANCEL_PREFIX = b"cancel:"
@@ -34,25 +36,49 @@ def address_for(data_dir: Path, role: str = WORKER) -> str:
 
 
 class WakeupSender:
-    def __init__(self, data_dir: Path, role: str = WORKER) -> None:
+    """``patience`` 0: a nudge that finds the receiver's queue full is dropped (it is only a hint).
+    Above 0: the send waits (cooperatively) that long for room, for messages that must arrive, such
+    as "this request is final". Linux queues only ``net.unix.max_dgram_qlen`` datagrams (often 10)
+    per socket, so a burst of completions does fill it. Sending never raises: a lost message costs
+    latency, and must never fail the caller's work."""
+
+    def __init__(self, data_dir: Path, role: str = WORKER, patience: float = 0.0) -> None:
         self._address = address_for(data_dir, role)
+        self._patience = patience
         self._sock: socket.socket | None = None
-        try:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.setblocking(False)
-        except (OSError, AttributeError):
-            self._sock = None
+        self._connected = False
+        # gevent lets one greenlet at a time wait on a socket.
+        self._lock = gevent.lock.Semaphore()
 
     def notify(self, message: bytes = b"!") -> None:
-        if self._sock is None:
-            return
-        # Nobody listening yet, or its buffer full of earlier nudges: both are fine.
-        with contextlib.suppress(OSError):
-            self._sock.sendto(message[:_MAX_MESSAGE], self._address)
+        try:
+            with self._lock:
+                self._send(message[:_MAX_MESSAGE])
+        except Exception as exc:
+            self._reset()
+            log.debug("wake-up message dropped: %s", exc)
 
-    def close(self) -> None:
+    def _send(self, message: bytes) -> None:
+        if not self._connected:
+            self._reset()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            # Connected, so that waiting for room waits for the receiver's queue to drain.
+            sock.connect(self._address)
+            if self._patience > 0:
+                sock.settimeout(self._patience)
+            else:
+                sock.setblocking(False)
+            self._sock, self._connected = sock, True
+        if self._sock is not None:
+            self._sock.send(message)
+
+    def _reset(self) -> None:
         if self._sock is not None:
             self._sock.close()
+        self._sock, self._connected = None, False
+
+    def close(self) -> None:
+        self._reset()
 
 
 class WakeupListener:

@@ -232,6 +232,11 @@ class Worker:
             self._release_when_possible(claim)
         except Exception:
             log.exception("request %s: unexpected failure", job.request_id)
+            current = self._statuses.get(job.request_id)
+            if current is not None and Status(current["status"]).final:
+                # It failed after its result was stored: that result stands.
+                self._queue.ack(claim.ticket)
+                return
             self._finish(
                 claim,
                 Status.ERROR,
@@ -423,7 +428,7 @@ def main() -> int:
         pool_size=config.max_concurrent,
     )
     waker = WakeupListener(config.data_dir)
-    finals = WakeupSender(config.data_dir, WEB)
+    finals = WakeupSender(config.data_dir, WEB, patience=1.0)
     outbox = open_outbox(config.data_dir)
     sender = WebhookSender(
         secret=config.webhook_secret,

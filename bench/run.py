@@ -35,7 +35,15 @@ import requests  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadResult, load, percentile, submit_many, wrk_available  # noqa: E402
+from loadgen import (  # noqa: E402
+    Connection,
+    LoadResult,
+    build_request,
+    load,
+    percentile,
+    submit_many,
+    wrk_available,
+)
 
 API_KEY = "bench-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
@@ -436,6 +444,88 @@ class Bench:
         finally:
             service.stop()
 
+    # 7 (wait mode) -----------------------------------------------------------------------
+
+    def wait_mode(self) -> None:
+        print("wait mode (Prefer: wait) against the upstream called directly", flush=True)
+        service = self.service(MAX_CONCURRENT="50", SYNC_WAIT_MAX="25")
+        service.start()
+        wait_until(service.worker_pid, timeout=10)
+        path = "/v1/chat/completions"
+        waiting = {**HEADERS, "Prefer": "wait"}
+        slow = body("wait", delay=0.1)
+        try:
+
+            def direct() -> LoadResult:
+                return load(
+                    self.upstream_port,
+                    "POST",
+                    path,
+                    HEADERS,
+                    slow,
+                    concurrency=50,
+                    duration=self.duration,
+                    expect=200,
+                )
+
+            def proxied() -> LoadResult:
+                return load(
+                    service.port,
+                    "POST",
+                    path,
+                    waiting,
+                    slow,
+                    concurrency=50,
+                    duration=self.duration,
+                    expect=200,
+                )
+
+            directs, proxies = self.paired(direct, proxied)
+            ratio = median_rate(proxies) / median_rate(directs)
+            bad = sum(r.bad for r in proxies)
+            self.add(
+                Figure(
+                    "wait-mode throughput",
+                    median_rate(proxies),
+                    "req/s",
+                    median_rate(directs),
+                    ratio,
+                    ">= 0.85",
+                    ratio >= 0.85 and bad == 0,
+                    f"50 clients, MAX_CONCURRENT=50, 0.1 s upstream; {bad} non-200",
+                )
+            )
+            count = 10 if self.quick else 50
+            quick_body = body("latency")
+            direct_ms = [self.timed(self.upstream_port, path, HEADERS, quick_body) for _ in range(count)]
+            proxy_ms = [self.timed(service.port, path, waiting, quick_body) for _ in range(count)]
+            added = percentile(proxy_ms, 50) - percentile(direct_ms, 50)
+            self.add(
+                Figure(
+                    "wait-mode added latency p50",
+                    added,
+                    "ms",
+                    target="<= 5",
+                    met=added <= 5,
+                    note=f"one client, instant upstream: direct p50 {percentile(direct_ms, 50):.2f} ms, "
+                    f"through the proxy {percentile(proxy_ms, 50):.2f} ms",
+                )
+            )
+        finally:
+            service.stop()
+
+    @staticmethod
+    def timed(port: int, path: str, headers: dict[str, str], payload: bytes) -> float:
+        connection = Connection("127.0.0.1", port)
+        try:
+            started = time.perf_counter()
+            status, _ = connection.request(build_request("POST", path, headers, payload))
+            if status != 200:
+                raise RuntimeError(f"expected 200, got {status}")
+            return (time.perf_counter() - started) * 1000
+        finally:
+            connection.close()
+
     def phases(self) -> dict[str, Callable[[], None]]:
         return {
             "submit": self.submit_and_status,
@@ -443,6 +533,7 @@ class Bench:
             "slots": self.slot_efficiency,
             "capacity": self.worker_capacity,
             "footprint": self.footprint,
+            "wait": self.wait_mode,
         }
 
 

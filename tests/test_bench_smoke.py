@@ -23,6 +23,8 @@ FIGURES = {
     "RSS growth",
     "open fd growth",
     "DATA_DIR after expiry",
+    "wait-mode throughput",
+    "wait-mode added latency p50",
 }
 
 
@@ -44,6 +46,6 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     figures = {f["name"]: f for f in report["figures"]}
     assert set(figures) == FIGURES
     ratios = [f["ratio"] for f in report["figures"] if f["ratio"] is not None]
-    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)
     assert figures["peak upstream concurrency"]["value"] >= 1
     assert "| submit throughput |" in done.stdout
