@@ -27,11 +27,12 @@ OTHER_KEY = "other-key-987654321"
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+    def __init__(self, tmp_path: Path, waiters: Waiters | None = None, **settings: Any) -> None:
         self.queue, self.statuses = open_storage(tmp_path / "data")
         self.nudges = 0
         self.app = TestApp(
             create_app(
+                waiters=waiters,
                 queue=self.queue,
                 statuses=self.statuses,
                 keys=KeyChecker([API_KEY, OTHER_KEY]),
@@ -344,50 +345,29 @@ def test_pending_answers_carry_retry_after_and_final_ones_do_not(h: Harness) -> 
 
 def test_long_poll_returns_when_the_worker_announces_the_result(tmp_path: Path) -> None:
     waiters = Waiters()
-    queue, statuses = open_storage(tmp_path / "data")
-    app = TestApp(
-        create_app(
-            queue=queue,
-            statuses=statuses,
-            keys=KeyChecker([API_KEY]),
-            waiters=waiters,
-            settings=ApiSettings(max_body_bytes=16384, max_queue=10, sync_wait_max=60),
-        )
-    )
-    rid = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}).json[
-        "request_id"
-    ]
+    h = Harness(tmp_path, waiters=waiters, sync_wait_max=60)
+    rid = h.submit(status=202).json["request_id"]
 
     def finish() -> None:
         gevent.sleep(0.2)
-        claim = queue.claim()
+        claim = h.queue.claim()
         assert claim is not None
-        statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json='{"ok": 1}'), ttl=60)
+        h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json='{"ok": 1}'), ttl=60)
         waiters.wake(rid)
 
     gevent.spawn(finish)
     # Without the wake-up this would hold for the full 60 s.
     with gevent.Timeout(15):
-        reply = app.get(f"/v1/chat/completions/{rid}?wait=60", headers={"X-API-Key": API_KEY})
+        reply = h.app.get(f"/v1/chat/completions/{rid}?wait=60", headers={"X-API-Key": API_KEY})
     assert reply.json["status"] == "completed" and reply.json["response"] == {"ok": 1}
     assert len(waiters) == 0
 
 
 def test_long_poll_is_capped_and_answers_the_current_status(tmp_path: Path) -> None:
-    queue, statuses = open_storage(tmp_path / "data")
-    app = TestApp(
-        create_app(
-            queue=queue,
-            statuses=statuses,
-            keys=KeyChecker([API_KEY]),
-            settings=ApiSettings(max_body_bytes=16384, max_queue=10, sync_wait_max=0.2),
-        )
-    )
-    rid = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}).json[
-        "request_id"
-    ]
+    h = Harness(tmp_path, sync_wait_max=0.2)
+    rid = h.submit(status=202).json["request_id"]
     with gevent.Timeout(15):
-        reply = app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})
+        reply = h.app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})
     assert reply.json["status"] == "pending" and reply.headers["Retry-After"] == "1"
 
 
