@@ -241,6 +241,7 @@ def create_app(
         )
 
     openapi = OPENAPI_PATH.read_bytes()
+    render = render_metrics or exposition(queue.counts)
 
     @api.get("/health")
     def health() -> dict[str, str]:
@@ -253,7 +254,7 @@ def create_app(
             if isinstance(owner, HTTPResponse):
                 return owner
         try:
-            text = (render_metrics or exposition(queue.counts))()
+            text = render()
         except StorageUnavailable as exc:
             return unavailable(exc)
         reply = HTTPResponse(body=text, status=200)
@@ -304,9 +305,11 @@ def create_app(
                     "queue_full",
                     headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
                 )
-            request_id = queue.put_once(job, key) if key else job.request_id
-            if not key:
+            if key:
+                request_id = queue.put_once(job, key)
+            else:
                 queue.put(job)
+                request_id = job.request_id
         except IdempotencyConflict as exc:
             return error_response(
                 422,
