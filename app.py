@@ -16,11 +16,12 @@ import logging
 import re
 import secrets
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import gevent.queue
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from auth import KeyChecker, presented_key
@@ -44,6 +45,7 @@ from storage import (
     StorageUnavailable,
     now_ms,
 )
+from streaming import RelayServer, completion_as_events
 from validation import BodyError, parse_chat_completion
 from views import status_json, webhook_json
 from waiters import Waiters
@@ -75,6 +77,9 @@ class ApiSettings:
     cancel_wait: float = 5.0
     """How long a DELETE waits for the worker to abort a running call before answering 202."""
     metrics_public: bool = False
+    stream_hold: float = 3.0
+    """How long a streamed answer holds back its 200 waiting for the first event."""
+    stream_keepalive: float = 10.0
 
 
 def new_request_id() -> str:
@@ -163,16 +168,41 @@ def final_answer(request_id: str, entry: dict[str, Any], headers: dict[str, str]
         status = upstream
     else:
         status = 504 if error.get("type") == "timeout" else 502
-    payload = error.get("upstream_error")
-    if not isinstance(payload, dict):
-        payload = {
-            "message": error.get("message", "the request failed"),
-            "type": error.get("type", "upstream_error"),
-            "param": None,
-            "code": error.get("code"),
-        }
+    payload = error_object(entry)
     kept = {name: value for name, value in headers.items() if name != "Location"}
     return json_response(status, {"error": payload}, headers={**kept, "x-should-retry": "false"})
+
+
+def error_object(entry: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI-shaped error of a failed request: the upstream's own when it sent one."""
+    error = entry.get("error") or {}
+    upstream = error.get("upstream_error")
+    if isinstance(upstream, dict):
+        return upstream
+    return {
+        "message": error.get("message", "the request failed"),
+        "type": error.get("type", "upstream_error"),
+        "param": None,
+        "code": error.get("code"),
+    }
+
+
+def event_stream(headers: dict[str, str], body: Iterable[bytes]) -> HTTPResponse:
+    reply = HTTPResponse(body=body, status=200)
+    reply.set_header("Content-Type", "text/event-stream")
+    for name, value in headers.items():
+        if name != "Location":
+            reply.set_header(name, value)
+    return reply
+
+
+def _next_event(sink: Any, timeout: float) -> bytes | None:
+    """The next relayed line; b"" if none came within ``timeout``; None when the relay ended."""
+    try:
+        item: bytes | None = sink.get(timeout=timeout)
+    except gevent.queue.Empty:
+        return b""
+    return item
 
 
 def _quietly(action: Callable[[str], T], request_id: str) -> T | None:
@@ -206,6 +236,7 @@ def create_app(
     notify: Callable[[], None] = lambda: None,
     waiters: Waiters | None = None,
     signal_cancel: Callable[[str], None] = lambda request_id: None,
+    relays: RelayServer | None = None,
     outbox: JobQueue | None = None,
     metrics: Metrics | None = None,
     render_metrics: Callable[[], bytes] | None = None,
@@ -241,6 +272,7 @@ def create_app(
         )
 
     openapi = OPENAPI_PATH.read_bytes()
+    streaming: set[str] = set()
     render = render_metrics or exposition(queue.counts)
 
     @api.get("/health")
@@ -294,9 +326,18 @@ def create_app(
                 "invalid_request_error",
                 param="Idempotency-Key",
             )
-        # Streamed answers in wait mode are not relayed yet: such requests are queued as usual.
-        wait = 0.0 if body.get("stream") else preferred_wait(header("Prefer"), settings.sync_wait_max)
-        job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms())
+        wait = preferred_wait(header("Prefer"), settings.sync_wait_max)
+        streamed = bool(body.get("stream")) and wait > 0 and relays is not None
+        job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms(), relay=streamed)
+        sink = relays.open(job.request_id) if streamed and relays is not None else None
+        try:
+            return accept(job, key, wait, sink)
+        finally:
+            # Unless an event stream now owns the sink (it closes it when it ends).
+            if sink is not None and relays is not None and job.request_id not in streaming:
+                relays.close_sink(job.request_id)
+
+    def accept(job: Job, key: str | None, wait: float, sink: Any) -> HTTPResponse:
         try:
             if queue.counts()[0] >= settings.max_queue:
                 return error_response(
@@ -325,7 +366,12 @@ def create_app(
         headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
+        if sink is not None and not replayed:
+            return stream_answer(request_id, sink, headers)
         found = await_final(request_id, wait) if wait else None
+        if sink is not None and found is not None and found[0]["status"] == Status.COMPLETED.value:
+            # A replayed streamed request: its events are gone, its result is not.
+            return event_stream(headers, [completion_as_events(json.loads(found[0]["response_json"]))])
         if found is not None and Status(found[0]["status"]).final:
             return final_answer(request_id, found[0], headers)
         if replayed:
@@ -406,6 +452,54 @@ def create_app(
             notify()
         waiters.wake(request_id)
         return final
+
+    def stream_answer(request_id: str, sink: Any, headers: dict[str, str]) -> HTTPResponse:
+        # The 200 is held back a little, so that a failure before the first event (the upstream
+        # refusing the request, say) is still a real HTTP error the SDK can raise.
+        first = _next_event(sink, settings.stream_hold)
+        if not first:
+            found = _quietly(lookup, request_id)
+            if found is not None and Status(found[0]["status"]).final:
+                if found[0]["status"] != Status.COMPLETED.value:
+                    return final_answer(request_id, found[0], headers)
+                return event_stream(headers, [completion_as_events(json.loads(found[0]["response_json"]))])
+
+        def events() -> Iterator[bytes]:
+            relayed = bool(first)
+            try:
+                if first:
+                    yield first
+                while True:
+                    item = _next_event(sink, settings.stream_keepalive)
+                    if item is None:
+                        break
+                    if item:
+                        relayed = True
+                        yield item
+                        continue
+                    found = _quietly(lookup, request_id)
+                    if found is not None and Status(found[0]["status"]).final and not relayed:
+                        break  # finished without a relay (none could be opened): told below
+                    # Comments keep proxies (Heroku's router cuts at 30 s of silence) from closing it.
+                    yield b": keep-alive\n\n"
+                found = await_final(request_id, settings.sync_wait_max)
+                entry: dict[str, Any] = found[0] if found else {"status": Status.ERROR.value, "error": {}}
+                if entry["status"] == Status.COMPLETED.value:
+                    yield (
+                        b"data: [DONE]\n\n"
+                        if relayed
+                        else completion_as_events(json.loads(entry["response_json"]))
+                    )
+                else:
+                    error = error_object(entry)
+                    yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+            finally:
+                streaming.discard(request_id)
+                if relays is not None:
+                    relays.close_sink(request_id)
+
+        streaming.add(request_id)
+        return event_stream(headers, events())
 
     def await_final(request_id: str, seconds: float) -> tuple[dict[str, Any], int | None] | None:
         """The request's status once final, or as it stands after ``seconds``."""

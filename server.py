@@ -24,6 +24,7 @@ from metrics import ENV as METRICS_ENV
 from metrics import Metrics, enable_multiprocess, exposition
 from sqlite_storage import open_outbox, open_storage
 from storage import StorageUnavailable
+from streaming import RelayServer
 from supervisor import WorkerSupervisor
 from waiters import Waiters
 from wakeup import CANCEL_PREFIX, WEB, WakeupListener, WakeupSender
@@ -59,6 +60,8 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
     listener = WakeupListener(config.data_dir, WEB)
     waiters = Waiters()
     waiters.start(listener)
+    relays = RelayServer(config.data_dir)
+    relays.start()
     app = create_app(
         queue=queue,
         statuses=statuses,
@@ -70,6 +73,9 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
             sync_wait_max=config.sync_wait_max,
             result_ttl=config.result_ttl,
             metrics_public=config.metrics_public,
+            # Both well inside SYNC_WAIT_MAX, which stays under the router's 30 s of silence.
+            stream_hold=min(3.0, config.sync_wait_max / 2),
+            stream_keepalive=min(10.0, config.sync_wait_max / 2),
         ),
         metrics=Metrics(),
         render_metrics=exposition(queue.counts),
@@ -77,9 +83,12 @@ def build_web(config: Config | None = None) -> tuple[WSGIApp, Web]:
         waiters=waiters,
         signal_cancel=lambda request_id: canceller.notify(CANCEL_PREFIX + request_id.encode("ascii")),
         outbox=outbox,
+        relays=relays,
     )
     return app, Web(
-        app=app, config=config, closers=[waiters, sender, canceller, listener, queue, outbox, statuses]
+        app=app,
+        config=config,
+        closers=[relays, waiters, sender, canceller, listener, queue, outbox, statuses],
     )
 
 

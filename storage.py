@@ -65,6 +65,8 @@ class Job:
     """A digest of the API key that submitted it (never the key itself)."""
     submitted_at: int = 0
     """Milliseconds since the epoch."""
+    relay: bool = False
+    """A client waits on the stream: the call is streamed and its events relayed to the web."""
 
     @functools.cached_property
     def body_json(self) -> str:
@@ -77,6 +79,7 @@ class Job:
             "body": self.body,
             "owner": self.owner,
             "submitted_at": self.submitted_at,
+            "relay": self.relay,
         }
 
     @classmethod
@@ -86,6 +89,7 @@ class Job:
             body=data["body"],
             owner=data["owner"],
             submitted_at=int(data.get("submitted_at", 0)),
+            relay=bool(data.get("relay", False)),
         )
 
 

@@ -11,12 +11,15 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import certifi
 import gevent
 import urllib3
+
+from streaming import CompletionAssembler
 
 log = logging.getLogger("llm_proxy.upstream")
 
@@ -34,15 +37,18 @@ class Outcome:
     """``{"message", "type", ...}`` when the call failed."""
     retryable: bool = False
     retry_after: float | None = None
+    relayed: bool = False
+    """Part of a streamed answer already reached the client: it cannot be retried."""
 
     @property
     def ok(self) -> bool:
         return self.response_json is not None
 
 
-def forwarded_body(body: dict[str, Any]) -> dict[str, Any]:
-    """What goes upstream: the client's body minus our own field, always non-streamed."""
-    return {k: v for k, v in body.items() if k not in ("webhookUrl", "stream", "stream_options")}
+def forwarded_body(body: dict[str, Any], *, stream: bool = False) -> dict[str, Any]:
+    """What goes upstream: the client's body minus our own field; non-streamed unless relayed."""
+    dropped = ("webhookUrl",) if stream else ("webhookUrl", "stream", "stream_options")
+    return {k: v for k, v in body.items() if k not in dropped}
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -198,8 +204,73 @@ class UpstreamClient:
         finally:
             deadline.close()
 
+    def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome:
+        """A streamed call: each event goes to ``on_event`` as it arrives, and the outcome holds
+        the assembled completion. A failure before the first event is retryable as usual."""
+        data = json.dumps(forwarded_body(body, stream=True)).encode("utf-8")
+        relayed = False
+        deadline = gevent.Timeout(self._timeout)
+        deadline.start()
+        try:
+            reply = self._pool.urlopen(
+                "POST",
+                self._path,
+                body=data,
+                headers=self._headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+            )
+            try:
+                if not 200 <= reply.status < 300 or "event-stream" not in (
+                    reply.headers.get("content-type") or ""
+                ):
+                    return classify_response(reply.status, reply.read(), reply.headers)
+                assembler = CompletionAssembler()
+                buffer = b""
+                for piece in reply.stream(8192):
+                    buffer += piece
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        payload = line.rstrip(b"\r")
+                        if not payload.startswith(b"data:"):
+                            continue
+                        payload = payload[5:].strip()
+                        if payload == b"[DONE]":
+                            return Outcome(response_json=json.dumps(assembler.completion()), relayed=relayed)
+                        _, chunk = parse_json(payload)
+                        if not isinstance(chunk, dict):
+                            continue
+                        if isinstance(chunk.get("error"), dict):
+                            outcome = classify_response(500, payload, {})
+                            return Outcome(error=outcome.error, retryable=not relayed, relayed=relayed)
+                        assembler.add(chunk)
+                        on_event(b"data: " + payload + b"\n\n")
+                        relayed = True
+                error = {"message": "the upstream's stream ended before [DONE]", "type": "upstream_error"}
+                return Outcome(error=error, retryable=not relayed, relayed=relayed)
+            finally:
+                # A stream may stop anywhere: the connection is not reused.
+                reply.close()
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            return _cut_short(_timeout_outcome(self._timeout), relayed)
+        except urllib3.exceptions.TimeoutError as exc:
+            if not isinstance(exc, urllib3.exceptions.NewConnectionError):
+                return _cut_short(_timeout_outcome(self._timeout), relayed)
+            return _cut_short(_network_outcome(exc), relayed)
+        except urllib3.exceptions.HTTPError as exc:
+            return _cut_short(_network_outcome(exc), relayed)
+        finally:
+            deadline.close()
+
     def close(self) -> None:
         self._pool.close()
+
+
+def _cut_short(outcome: Outcome, relayed: bool) -> Outcome:
+    return Outcome(error=outcome.error, retryable=outcome.retryable and not relayed, relayed=relayed)
 
 
 def _network_outcome(exc: Exception) -> Outcome:

@@ -47,6 +47,14 @@ PURGE_INTERVAL = 60.0
 class Upstream(Protocol):
     def complete(self, body: dict[str, Any]) -> Outcome: ...
 
+    def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome: ...
+
+
+class Relay(Protocol):
+    def send(self, event: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
 
 class WebhookOutbox(Protocol):
     def enqueue(self, request_id: str, owner: str, url: str, payload: str) -> None: ...
@@ -112,6 +120,7 @@ class Worker:
         poll_interval: float = POLL_INTERVAL,
         announce: Callable[[str], None] = lambda request_id: None,
         metrics: Metrics | None = None,
+        relay: Callable[[str], Relay] | None = None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -123,6 +132,7 @@ class Worker:
         self._poll_interval = poll_interval
         self._announce = announce
         self._metrics = metrics
+        self._relay = relay
         # A slot is an upstream call that may be in flight: taken when a job is claimed, given back
         # as soon as its last call is answered, so bookkeeping never delays the next call.
         self._slots = gevent.lock.BoundedSemaphore(settings.max_concurrent)
@@ -297,7 +307,7 @@ class Worker:
             self._statuses.put(job.request_id, status_entry(job, Status.PROCESSING, attempts=attempts))
             started = time.monotonic()
             try:
-                outcome = self._upstream.complete(job.body)
+                outcome = self._call(job)
             except _GracefulStop:
                 # A call cut short by shutdown does not count against the request.
                 self._statuses.put(job.request_id, status_entry(job, Status.PENDING, attempts=attempts - 1))
@@ -329,6 +339,15 @@ class Worker:
             if self._queue.cancel_requested(job.request_id):
                 raise _Cancelled
             self._sleep(delay)
+
+    def _call(self, job: Job) -> Outcome:
+        if not (job.relay and self._relay is not None):
+            return self._upstream.complete(job.body)
+        relay = self._relay(job.request_id)
+        try:
+            return self._upstream.stream(job.body, relay.send)
+        finally:
+            relay.close()
 
     def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
         job = claim.job
@@ -400,6 +419,7 @@ def main() -> int:
     from metrics import ENV as METRICS_ENV
     from metrics import enable_multiprocess
     from sqlite_storage import open_outbox, open_storage
+    from streaming import RelayClient
     from upstream import UpstreamClient
     from wakeup import WEB, WakeupListener, WakeupSender
 
@@ -452,6 +472,7 @@ def main() -> int:
         webhooks=deliverer,
         announce=lambda request_id: finals.notify(request_id.encode("ascii")),
         metrics=metrics,
+        relay=lambda request_id: RelayClient(config.data_dir, request_id),
         settings=WorkerSettings(
             max_concurrent=config.max_concurrent,
             max_retries=config.max_retries,

@@ -19,6 +19,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
+from collections.abc import Iterable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -39,6 +40,7 @@ class FakeUpstream:
         self.bodies_with_proxy_fields = 0
         self.streamed = 0
         self.first_call_at: dict[str, float] = {}
+        self.streamed_calls = 0
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -50,9 +52,10 @@ class FakeUpstream:
             "bodies_with_proxy_fields": self.bodies_with_proxy_fields,
             "streamed": self.streamed,
             "first_call_at": self.first_call_at,
+            "streamed_calls": self.streamed_calls,
         }
 
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
         if path == "/_stats":
@@ -66,7 +69,9 @@ class FakeUpstream:
         body = json.loads(environ["wsgi.input"].read(length) or b"{}")
         return self._complete(environ, start_response, body)
 
-    def _complete(self, environ: dict[str, Any], start_response: Any, body: dict[str, Any]) -> list[bytes]:
+    def _complete(
+        self, environ: dict[str, Any], start_response: Any, body: dict[str, Any]
+    ) -> Iterable[bytes]:
         arrived = time.time()
         fake = body.get("x_fake") or {}
         key = str(fake.get("key", ""))
@@ -112,6 +117,10 @@ class FakeUpstream:
                 return [b"not json"]
             messages = body.get("messages") or [{}]
             content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
+            if body.get("stream"):
+                self.streamed_calls += 1
+                start_response("200 OK", [("Content-Type", "text/event-stream")])
+                return self._stream(f"echo: {content}", body, fake, int(arrived))
             return self._json(
                 start_response,
                 200,
@@ -132,6 +141,43 @@ class FakeUpstream:
             )
         finally:
             self.inflight -= 1
+
+    def _stream(self, text: str, body: dict[str, Any], fake: dict[str, Any], created: int) -> Iterator[bytes]:
+        """The answer as OpenAI streams it, a word per chunk, ``chunk_delay`` apart; with
+        ``break_after`` the connection drops after that many chunks."""
+        words = text.split(" ")
+        head = {
+            "id": f"chatcmpl-{self.calls}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.get("model"),
+        }
+
+        def event(payload: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps({**head, **payload}).encode() + b"\n\n"
+
+        yield event(
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        )
+        for number, word in enumerate(words):
+            if "break_after" in fake and number >= int(fake["break_after"]):
+                raise ConnectionError("induced break")
+            gevent.sleep(float(fake.get("chunk_delay", 0.0)))
+            piece = word if number == 0 else " " + word
+            yield event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield event(
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 1,
+                        "completion_tokens": len(words),
+                        "total_tokens": 1 + len(words),
+                    },
+                }
+            )
+        yield b"data: [DONE]\n\n"
 
     @staticmethod
     def _json(

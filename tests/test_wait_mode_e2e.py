@@ -3,6 +3,7 @@ base_url, api_key and one default header."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import openai
@@ -122,3 +123,79 @@ def test_idempotent_retry_in_wait_mode_gets_the_original_result(
     assert again.headers["X-Request-Id"] == first.headers["X-Request-Id"]
     assert again.headers["Idempotent-Replayed"] == "true"
     assert fake_upstream.stats()["by_key"] == {"idem-wait": 1}
+
+
+def test_sdk_streams_through_the_queue(make_service: MakeService, fake_upstream: FakeUpstream) -> None:
+    service = make_service(MAX_CONCURRENT="1")
+    fake_upstream.reset()
+    raw = sdk(service).chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "one two three four"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"x_fake": {"key": "sdk-stream", "chunk_delay": 0.05}},
+    )
+    chunks = list(raw.parse())
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "echo: one two three four"
+    assert len(pieces) >= 5  # relayed chunk by chunk, not as one block
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert fake_upstream.stats()["streamed_calls"] == 1
+    # The assembled completion is the request's stored result, like any other.
+    stored = service.wait_final(raw.headers["x-request-id"])
+    assert stored["status"] == "completed" and stored["response"]["object"] == "chat.completion"
+    assert stored["response"]["choices"][0]["message"]["content"] == "echo: one two three four"
+
+
+def test_stream_failing_before_its_first_event_is_an_http_error(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service()
+    with pytest.raises(openai.BadRequestError):
+        sdk(service).chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            extra_body={"x_fake": {"key": "stream-400", "status": 400}},
+        )
+
+
+def test_stream_broken_midway_ends_with_an_error_event(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service()
+    fake_upstream.reset()
+    raw = sdk(service).chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "a b c d e f"}],
+        stream=True,
+        extra_body={"x_fake": {"key": "stream-break", "break_after": 2, "chunk_delay": 0.05}},
+    )
+    with pytest.raises(openai.APIError):
+        list(raw.parse())
+    final = service.wait_final(raw.headers["x-request-id"])
+    assert final["status"] == "error"
+    # Part of the answer had reached the client: not retried.
+    assert fake_upstream.stats()["by_key"]["stream-break"] == 1
+
+
+def test_a_queued_stream_is_kept_alive_with_comments(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service(MAX_CONCURRENT="1", SYNC_WAIT_MAX="2")
+    busy = service.submit(body(x_fake={"key": "occupy", "delay": 4})).json()["request_id"]
+    with requests.post(
+        f"{service.url}/v1/chat/completions",
+        json=body("hi", stream=True, x_fake={"key": "queued-stream"}),
+        headers={**service.headers(), "Prefer": "wait"},
+        stream=True,
+        timeout=30,
+    ) as reply:
+        assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[0] == b": keep-alive"
+    assert lines[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "echo: hi"
+    assert service.status(busy).json()["status"] == "completed"
