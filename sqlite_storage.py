@@ -164,8 +164,7 @@ _INSERT_ID = f"INSERT OR REPLACE INTO {_TABLE}_ids (request_id, ticket) VALUES (
 # id 0 and slows down as they pile up).
 _CLAIM = f"""
 SELECT _id, data, status,
-    EXISTS (SELECT 1 FROM {_TABLE}_ids AS i JOIN {_TABLE}_cancels AS c ON c.request_id = i.request_id
-            WHERE i.ticket = _id)
+    EXISTS (SELECT 1 FROM {_TABLE}_cancels WHERE request_id = json_extract(data, '$.request_id'))
 FROM {_TABLE} NOT INDEXED
 WHERE status < {_IN_FLIGHT} AND _id >= (
     SELECT MIN(m) FROM (SELECT MIN(_id) AS m FROM {_TABLE} WHERE status = 0
