@@ -53,7 +53,8 @@ class Waiters:
         arrive. Without a listener, waits simply last their full time and then read the store."""
         while listener.available:
             for message in listener.receive(timeout=60.0):
-                self.wake(message.decode("ascii", "replace"))
+                for request_id in message.split(b"\n"):
+                    self.wake(request_id.decode("ascii", "replace"))
 
     def __len__(self) -> int:
         return len(self._events)

@@ -421,7 +421,7 @@ def main() -> int:
     from sqlite_storage import open_outbox, open_storage
     from streaming import RelayClient
     from upstream import UpstreamClient
-    from wakeup import WEB, WakeupListener, WakeupSender
+    from wakeup import WEB, Announcer, WakeupListener, WakeupSender
 
     try:
         config = load_from_process_env()
@@ -449,6 +449,7 @@ def main() -> int:
     )
     waker = WakeupListener(config.data_dir)
     finals = WakeupSender(config.data_dir, WEB, patience=1.0)
+    announcer = Announcer(finals)
     outbox = open_outbox(config.data_dir)
     sender = WebhookSender(
         secret=config.webhook_secret,
@@ -470,7 +471,7 @@ def main() -> int:
         upstream=upstream,
         waker=waker,
         webhooks=deliverer,
-        announce=lambda request_id: finals.notify(request_id.encode("ascii")),
+        announce=announcer.announce,
         metrics=metrics,
         relay=lambda request_id: RelayClient(config.data_dir, request_id),
         settings=WorkerSettings(
