@@ -176,51 +176,22 @@ class UpstreamClient:
 
     def complete(self, body: dict[str, Any]) -> Outcome:
         data = json.dumps(forwarded_body(body)).encode("utf-8")
-        # urllib3's read timeout is per socket read, not for the whole answer: gevent gives one.
-        deadline = gevent.Timeout(self._timeout)
-        deadline.start()
-        try:
-            reply = self._pool.urlopen(
-                "POST",
-                self._path,
-                body=data,
-                headers=self._headers,
-                redirect=False,
-                retries=False,
-                preload_content=True,
-            )
+
+        def attempt() -> Outcome:
+            reply = self._post(data, preload=True)
             return classify_response(reply.status, reply.data, reply.headers)
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
-            return _timeout_outcome(self._timeout)
-        except urllib3.exceptions.TimeoutError as exc:
-            # urllib3 files a refused connection under its timeouts; it is a network error to us.
-            if not isinstance(exc, urllib3.exceptions.NewConnectionError):
-                return _timeout_outcome(self._timeout)
-            return _network_outcome(exc)
-        except urllib3.exceptions.HTTPError as exc:
-            return _network_outcome(exc)
-        finally:
-            deadline.close()
+
+        return self._guarded(attempt)
 
     def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome:
         """A streamed call: each event goes to ``on_event`` as it arrives, and the outcome holds
         the assembled completion. A failure before the first event is retryable as usual."""
         data = json.dumps(forwarded_body(body, stream=True)).encode("utf-8")
         relayed = False
-        deadline = gevent.Timeout(self._timeout)
-        deadline.start()
-        try:
-            reply = self._pool.urlopen(
-                "POST",
-                self._path,
-                body=data,
-                headers=self._headers,
-                redirect=False,
-                retries=False,
-                preload_content=False,
-            )
+
+        def attempt() -> Outcome:
+            nonlocal relayed
+            reply = self._post(data, preload=False)
             try:
                 if not 200 <= reply.status < 300 or "event-stream" not in (
                     reply.headers.get("content-type") or ""
@@ -252,16 +223,39 @@ class UpstreamClient:
             finally:
                 # A stream may stop anywhere: the connection is not reused.
                 reply.close()
+
+        outcome = self._guarded(attempt)
+        return _cut_short(outcome, relayed) if relayed and not outcome.ok else outcome
+
+    def _post(self, data: bytes, *, preload: bool) -> Any:
+        return self._pool.urlopen(
+            "POST",
+            self._path,
+            body=data,
+            headers=self._headers,
+            redirect=False,
+            retries=False,
+            preload_content=preload,
+        )
+
+    def _guarded(self, attempt: Callable[[], Outcome]) -> Outcome:
+        """One call under a total deadline (urllib3's read timeout is per socket read, not for the
+        whole answer), with transport failures turned into outcomes."""
+        deadline = gevent.Timeout(self._timeout)
+        deadline.start()
+        try:
+            return attempt()
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
-            return _cut_short(_timeout_outcome(self._timeout), relayed)
+            return _timeout_outcome(self._timeout)
         except urllib3.exceptions.TimeoutError as exc:
+            # urllib3 files a refused connection under its timeouts; it is a network error to us.
             if not isinstance(exc, urllib3.exceptions.NewConnectionError):
-                return _cut_short(_timeout_outcome(self._timeout), relayed)
-            return _cut_short(_network_outcome(exc), relayed)
+                return _timeout_outcome(self._timeout)
+            return _network_outcome(exc)
         except urllib3.exceptions.HTTPError as exc:
-            return _cut_short(_network_outcome(exc), relayed)
+            return _network_outcome(exc)
         finally:
             deadline.close()
 
