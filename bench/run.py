@@ -34,6 +34,9 @@ import requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.harness import free_port, wait_until  # noqa: E402
 
 from loadgen import (  # noqa: E402
     Connection,
@@ -57,23 +60,6 @@ def body(key: str = "", delay: float | None = None, content: str = "hello") -> b
     return json.dumps(
         {"model": "bench", "messages": [{"role": "user", "content": content}], "x_fake": fake}
     ).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def start_script(script: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
@@ -201,7 +187,7 @@ class Bench:
         self.duration = 1.0 if quick else 3.0
         self.rounds = 1 if quick else 5
         self.figures: list[Figure] = []
-        self.upstream, self.upstream_port = start_script(ROOT / "tests" / "fake_upstream.py")
+        self.upstream, self.upstream_port = start_script(ROOT / "tests" / "support" / "fake_upstream.py")
         self.ceiling, self.ceiling_port = start_script(ROOT / "bench" / "ceiling.py")
 
     def close(self) -> None:

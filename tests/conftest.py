@@ -8,10 +8,8 @@ import contextlib  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -20,28 +18,13 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import requests  # noqa: E402
 
+from support.harness import free_port, wait_until  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+SUPPORT = ROOT / "tests" / "support"
+__all__ = ["free_port", "wait_until"]
 
 API_KEY = "test-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @dataclass
@@ -62,7 +45,7 @@ class FakeUpstream:
 
 def start_fake_upstream(delay: float = 0.0) -> FakeUpstream:
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--delay", str(delay)],
+        [sys.executable, str(SUPPORT / "fake_upstream.py"), "--delay", str(delay)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -97,7 +80,7 @@ class Receiver:
 @pytest.fixture(scope="session")
 def receiver() -> Iterator[Receiver]:
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "webhook_receiver.py")], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(SUPPORT / "webhook_receiver.py")], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     line = process.stdout.readline()

@@ -1,0 +1,58 @@
+"""The HTTP answers a wait-mode client gets: what OpenAI itself would have answered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from bottle import HTTPResponse
+
+from llm_proxy.api.http import error_response, json_response
+from llm_proxy.domain.status import Status, StatusEntry
+
+
+def without_location(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name != "Location"}
+
+
+def final_answer(entry: StatusEntry, headers: dict[str, str]) -> HTTPResponse:
+    """The upstream's chat.completion unchanged, or an OpenAI-shaped error with the status the SDK
+    maps to the right exception, told not to retry (we did)."""
+    kept = without_location(headers)
+    if entry.status is Status.CANCELLED:
+        return error_response(409, "The request was cancelled.", "request_cancelled", headers=kept)
+    if entry.status is Status.COMPLETED:
+        reply = HTTPResponse(body=entry.response_json, status=200)
+        reply.content_type = "application/json"
+        for name, value in kept.items():
+            reply.set_header(name, value)
+        return reply
+    error = entry.error or {}
+    upstream = error.get("upstream_status")
+    if isinstance(upstream, int) and 400 <= upstream <= 599:
+        status = upstream
+    else:
+        status = 504 if error.get("type") == "timeout" else 502
+    return json_response(status, {"error": error_object(entry)}, headers={**kept, "x-should-retry": "false"})
+
+
+def error_object(entry: StatusEntry | None) -> dict[str, Any]:
+    """The OpenAI-shaped error of a failed request: the upstream's own when it sent one."""
+    error = (entry.error if entry else None) or {}
+    upstream = error.get("upstream_error")
+    if isinstance(upstream, dict):
+        return upstream
+    return {
+        "message": error.get("message", "the request failed"),
+        "type": error.get("type", "upstream_error"),
+        "param": None,
+        "code": error.get("code"),
+    }
+
+
+def event_stream(headers: dict[str, str], body: Iterable[bytes]) -> HTTPResponse:
+    reply = HTTPResponse(body=body, status=200)
+    reply.set_header("Content-Type", "text/event-stream")
+    for name, value in without_location(headers).items():
+        reply.set_header(name, value)
+    return reply

@@ -1,0 +1,290 @@
+"""The routes of the HTTP API (Bottle): each reads the request, calls the ``RequestService`` and
+turns its result into an answer. ``create_app`` builds the WSGI app from its collaborators."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bottle import Bottle, HTTPError, HTTPResponse, request, response
+
+from llm_proxy.api.answers import final_answer
+from llm_proxy.api.auth import KeyAuth, KeyChecker
+from llm_proxy.api.http import (
+    BadLength,
+    BodyTooLarge,
+    SecureJSONMiddleware,
+    WSGIApp,
+    error_payload,
+    error_response,
+    header,
+    json_response,
+    read_body,
+)
+from llm_proxy.api.service import Accepted, Ended, Found, QueueFull, RequestService
+from llm_proxy.api.streams import replayed_stream, stream_answer
+from llm_proxy.api.validation import BodyError, parse_chat_completion
+from llm_proxy.domain.job import Job, new_request_id, now_ms
+from llm_proxy.domain.status import Status
+from llm_proxy.domain.views import status_json
+from llm_proxy.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from llm_proxy.storage.base import IdempotencyConflict, StorageUnavailable, WebSignals
+from llm_proxy.webhooks.safety import check_url_literal
+
+log = logging.getLogger("llm_proxy.api")
+
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+RETRY_AFTER_UNAVAILABLE = "5"
+RETRY_AFTER_QUEUE_FULL = "10"
+RETRY_AFTER_POLL = "1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiSettings:
+    max_body_bytes: int
+    webhook_allow_private: bool = False
+    sync_wait_max: float = 25.0
+    metrics_public: bool = False
+    stream_hold: float = 3.0
+    """How long a streamed answer holds back its 200 waiting for the first event."""
+    stream_keepalive: float = 10.0
+
+
+def preferred_wait(prefer: str | None, cap: float) -> float:
+    """Seconds asked for by ``Prefer: wait`` / ``Prefer: wait=N`` (RFC 7240), capped; 0 if not asked.
+    As the RFC says, a preference that cannot be understood is ignored."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";")[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value:
+            return cap
+        try:
+            seconds = float(value)
+        except ValueError:
+            return 0.0
+        return min(seconds, cap) if 0 <= seconds < float("inf") else 0.0
+    return 0.0
+
+
+def wait_seconds(raw: str | None, cap: float) -> float | None:
+    """The ``wait`` of a long-poll: seconds, capped; None when it is not a number >= 0."""
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None
+    return min(seconds, cap) if 0 <= seconds < float("inf") else None
+
+
+def not_found() -> HTTPResponse:
+    return error_response(404, "Request not found", "request_not_found")
+
+
+def unavailable(exc: StorageUnavailable) -> HTTPResponse:
+    log.error("storage unavailable: %s", exc)
+    return error_response(
+        503,
+        "The request could not be stored right now; retry shortly.",
+        "service_unavailable",
+        headers={"Retry-After": RETRY_AFTER_UNAVAILABLE},
+    )
+
+
+def invalid_body(details: list[dict[str, str]]) -> HTTPResponse:
+    return error_response(400, "Invalid request body", "validation_error", details=details)
+
+
+def status_reply(request_id: str, found: Found) -> HTTPResponse:
+    reply = HTTPResponse(body=status_json(request_id, found.entry, found.position), status=200)
+    reply.content_type = "application/json"
+    return reply
+
+
+def create_app(
+    *,
+    service: RequestService,
+    keys: KeyChecker,
+    settings: ApiSettings,
+    render_metrics: Callable[[], bytes],
+    signals: WebSignals | None = None,
+) -> WSGIApp:
+    # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
+    # (with catchall, Bottle would also write the traceback to wsgi.errors).
+    api = Bottle()
+    api.config["catchall"] = False
+    api.install(KeyAuth(keys))
+    openapi = OPENAPI_PATH.read_bytes()
+
+    @api.get("/health", auth=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/metrics", auth=not settings.metrics_public)
+    def prometheus(owner: str | None = None) -> HTTPResponse:
+        try:
+            text = render_metrics()
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        reply = HTTPResponse(body=text, status=200)
+        reply.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        return reply
+
+    @api.get("/openapi.json", auth=False)
+    def openapi_document() -> HTTPResponse:
+        reply = HTTPResponse(body=openapi, status=200)
+        reply.content_type = "application/json"
+        return reply
+
+    @api.post("/v1/chat/completions")
+    def submit(owner: str) -> HTTPResponse:
+        try:
+            body = parse_chat_completion(read_body(request.environ, settings.max_body_bytes))
+        except BodyTooLarge:
+            return error_response(
+                413, f"The request body exceeds {settings.max_body_bytes} bytes.", "request_too_large"
+            )
+        except BadLength:
+            return invalid_body([{"path": "", "message": "invalid Content-Length"}])
+        except BodyError as exc:
+            return invalid_body(exc.details)
+        webhook_url = body.get("webhookUrl")
+        if webhook_url and not settings.webhook_allow_private:
+            problem = check_url_literal(webhook_url)
+            if problem:
+                return invalid_body(
+                    [{"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}]
+                )
+        key = header("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            return error_response(
+                400,
+                "Idempotency-Key must be 1 to 255 printable ASCII characters.",
+                "invalid_request_error",
+                param="Idempotency-Key",
+            )
+        wait = preferred_wait(header("Prefer"), settings.sync_wait_max)
+        streamed = bool(body.get("stream")) and wait > 0 and signals is not None
+        job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms(), relay=streamed)
+        # Opened before the job is queued, so no relayed event can arrive before it.
+        sink = signals.open_relay(job.request_id) if streamed and signals is not None else None
+        try:
+            accepted = service.submit(job, key)
+        except QueueFull as exc:
+            if sink is not None:
+                sink.close()
+            return error_response(
+                429,
+                f"The queue is full ({exc.limit} requests waiting); retry later.",
+                "queue_full",
+                headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
+            )
+        except IdempotencyConflict as exc:
+            if sink is not None:
+                sink.close()
+            return error_response(
+                422,
+                "This Idempotency-Key was already used with a different request body.",
+                "idempotency_error",
+                request_id=exc.request_id,
+            )
+        except StorageUnavailable as exc:
+            if sink is not None:
+                sink.close()
+            return unavailable(exc)
+        return answer_submit(accepted, wait, sink)
+
+    def answer_submit(accepted: Accepted, wait: float, sink: Any) -> HTTPResponse:
+        request_id = accepted.request_id
+        headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
+        if accepted.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if sink is not None and not accepted.replayed:
+            return stream_answer(
+                service,
+                request_id,
+                sink,
+                headers,
+                hold=settings.stream_hold,
+                keepalive=settings.stream_keepalive,
+                wait_max=settings.sync_wait_max,
+            )
+        if sink is not None:
+            sink.close()
+        found = service.await_final(request_id, wait) if wait else None
+        if found is not None and found.entry.status.final:
+            if sink is not None and found.entry.status is Status.COMPLETED:
+                return replayed_stream(found.entry, headers)
+            return final_answer(found.entry, headers)
+        place = service.place(accepted, found)
+        if wait:
+            headers["Retry-After"] = RETRY_AFTER_POLL
+        return json_response(
+            202,
+            {
+                "request_id": request_id,
+                "status": place.status.value,
+                "queue_position": place.position,
+                "active_requests": place.active,
+            },
+            headers=headers,
+        )
+
+    @api.get("/v1/chat/completions/<request_id:path>")
+    def status(request_id: str, owner: str) -> HTTPResponse:
+        wait = wait_seconds(request.query.get("wait"), settings.sync_wait_max)
+        if wait is None:
+            return error_response(
+                400, "wait must be a number of seconds >= 0", "invalid_request_error", param="wait"
+            )
+        if not REQUEST_ID.match(request_id):
+            return not_found()
+        try:
+            found = service.status(owner, request_id, wait)
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        if found is None:
+            return not_found()
+        reply = status_reply(request_id, found)
+        if not found.entry.status.final:
+            reply.set_header("Retry-After", RETRY_AFTER_POLL)
+        return reply
+
+    @api.delete("/v1/chat/completions/<request_id:path>")
+    def cancel(request_id: str, owner: str) -> HTTPResponse:
+        if not REQUEST_ID.match(request_id):
+            return not_found()
+        try:
+            result = service.cancel(owner, request_id)
+        except StorageUnavailable as exc:
+            return unavailable(exc)
+        if result is None:
+            return not_found()
+        if isinstance(result, Ended):
+            return error_response(
+                409, f"The request already ended ({result.entry.status.value}).", "request_not_cancellable"
+            )
+        reply = status_reply(request_id, Found(result.entry, None))
+        if not result.entry.status.final:
+            reply.status = 202
+        return reply
+
+    def error_page(error: HTTPError) -> str:
+        if error.status_code == 404:
+            payload = error_payload(404, f"No route for {request.method} {request.path}", "not_found")
+        else:
+            payload = error_payload(error.status_code)
+        response.content_type = "application/json"
+        return json.dumps(payload)
+
+    api.default_error_handler = error_page
+    return SecureJSONMiddleware(api)

@@ -1,0 +1,37 @@
+"""The public JSON of a status entry and of a webhook payload, composed from stored JSON text."""
+
+from __future__ import annotations
+
+import json
+
+from llm_proxy.domain.status import Status, StatusEntry
+
+
+def status_json(request_id: str, entry: StatusEntry, queue_position: int | None = None) -> str:
+    parts = [
+        f'"request_id": {json.dumps(request_id)}',
+        f'"status": "{entry.status.value}"',
+        f'"request": {entry.request_json}',
+        f'"timestamp": {int(entry.timestamp)}',
+    ]
+    if entry.attempts is not None:
+        parts.append(f'"attempts": {int(entry.attempts)}')
+    if entry.response_json is not None:
+        parts.append(f'"response": {entry.response_json}')
+    if entry.error is not None:
+        parts.append(f'"error": {json.dumps(entry.error)}')
+    if entry.webhook is not None:
+        parts.append(f'"webhook": {json.dumps(entry.webhook.to_dict())}')
+    if queue_position is not None:
+        parts.append(f'"queue_position": {int(queue_position)}')
+    return "{" + ", ".join(parts) + "}"
+
+
+def webhook_json(request_id: str, entry: StatusEntry) -> str:
+    """The seed's webhook payloads."""
+    head = f'{{"request_id": {json.dumps(request_id)}, "status": "{entry.status.value}"'
+    if entry.status is Status.COMPLETED:
+        return head + f', "response": {entry.response_json}}}'
+    if entry.status is Status.CANCELLED:
+        return head + "}"
+    return head + f', "error": {json.dumps(entry.error)}}}'

@@ -1,0 +1,1 @@
+"""Metrics (Prometheus, across processes) and logging set-up."""

@@ -1,0 +1,1 @@
+"""Steps both processes take on a request, written once against the storage interfaces."""

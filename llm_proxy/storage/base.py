@@ -1,0 +1,383 @@
+"""The storage seam: every interface a back end implements.
+
+The API, the worker and the webhook deliverer only see these. A back end (``sqlite`` now; a
+networked one later) provides all of them through one ``Backend``, and ``tests/integration/
+test_contract.py`` runs the same suite against each.
+
+Exceptions::
+
+    StorageUnavailable      the back end could not durably store or read (disk full, locked, gone)
+    IdempotencyConflict     an idempotency key was reused with another body
+    StorageIncompatible     installed libraries or on-disk layout differ from what the code relies on
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from llm_proxy.domain.job import Job
+from llm_proxy.domain.status import StatusEntry
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+"""Seconds an idempotency key keeps pointing at its request."""
+
+
+class StorageUnavailable(Exception):
+    """The back end could not durably store or read (disk full, locked, not writable)."""
+
+
+class StorageIncompatible(Exception):
+    """The installed storage libraries or the stored layout are not what this code was built on."""
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used, within the window, for a request with another body."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the key was used for request {request_id} with another body")
+        self.request_id = request_id
+
+
+# -- the job queue ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lease:
+    """A worker's hold on a claimed job. Only the current token can ack or release the job: a
+    worker whose lease lapsed (and whose job another worker took) changes nothing."""
+
+    holder: str
+    token: int
+    expires_at: float
+    """Seconds since the epoch; the holder renews well before."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    ticket: int
+    job: Job
+    lease: Lease
+    fresh: bool = False
+    """Never handed out before: no earlier attempt can have left a status behind."""
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Queued:
+    """A job as ``JobQueue.find`` reports it."""
+
+    ticket: int
+    request_id: str
+    owner: str
+    submitted_at: int
+    body_json: str
+    in_flight: bool
+    fresh: bool
+    """Never handed out: no status can exist for it yet."""
+    position: int | None
+    """1-based place among the waiting jobs; None when in flight."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What ``put_once`` stored or found: the request that stands for this submit."""
+
+    request_id: str
+    replayed: bool
+    """The key was used before with the same body: no new job was queued."""
+
+
+class CancelResult(Enum):
+    WITHDRAWN = "withdrawn"
+    """It was waiting: it will never be handed out. The caller finishes it."""
+    SIGNALLED = "signalled"
+    """It is claimed: the cancellation is recorded for its worker (see ``cancel_requested``)."""
+    ABSENT = "absent"
+    """It is not in the queue (finished, or never there)."""
+
+
+class QueueCounts(NamedTuple):
+    waiting: int
+    in_flight: int
+
+
+class JobQueue(ABC):
+    """A durable FIFO of jobs, claimed under leases."""
+
+    @abstractmethod
+    def put(self, job: Job) -> int:
+        """Store the job durably (on disk when this returns) and return its ticket.
+
+        Raises StorageUnavailable when it could not be stored."""
+
+    @abstractmethod
+    def put_once(self, job: Job, key: str) -> Submitted:
+        """Store the job unless this owner used ``key`` within ``IDEMPOTENCY_WINDOW``: then answer
+        with that earlier request (same body) or raise IdempotencyConflict (another body). Checked
+        and recorded atomically."""
+
+    @abstractmethod
+    def find(self, request_id: str) -> Queued | None:
+        """The job with this id while it is not finished (waiting or in flight)."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a queued job in one step (see ``CancelResult``)."""
+
+    @abstractmethod
+    def cancel_requested(self, request_id: str) -> bool:
+        """Whether a cancellation was recorded for this in-flight job."""
+
+    @abstractmethod
+    def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
+        """Take up to ``limit`` of the oldest waiting jobs without blocking, each under a new lease
+        of ``holder`` (in one step: one commit for all)."""
+
+    @abstractmethod
+    def renew(self, holder: str, lease_seconds: float) -> set[int]:
+        """Extend every lease ``holder`` still has; return the tickets it still holds."""
+
+    @abstractmethod
+    def holds(self, claim: Claim) -> bool:
+        """Whether the claim's lease is still the job's current one."""
+
+    @abstractmethod
+    def ack(self, claim: Claim) -> bool:
+        """The job reached a final state: it is never handed out again. False (and nothing
+        changed) when the lease is no longer current. Concurrent acks may share a commit."""
+
+    @abstractmethod
+    def release(self, claim: Claim) -> bool:
+        """Put a claimed job back among the waiting ones, at its old place. False (and nothing
+        changed) when the lease is no longer current."""
+
+    @abstractmethod
+    def requeue_lapsed(self, before: float) -> int:
+        """Jobs whose lease ends before ``before`` (seconds since the epoch) wait again: their
+        holder is gone. Returns how many."""
+
+    @abstractmethod
+    def counts(self) -> QueueCounts:
+        """Waiting and in-flight jobs, read together and counted across processes."""
+
+    @abstractmethod
+    def compact(self) -> int:
+        """Forget finished jobs and expired idempotency keys. Returns how many jobs were dropped."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+# -- statuses --------------------------------------------------------------------------------------
+
+
+class StatusStore(ABC):
+    """Status entries keyed by request id. Entries without a ttl never expire nor get evicted."""
+
+    @abstractmethod
+    def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
+        """Store (replace) the entry; with a ttl it disappears that many seconds from now."""
+
+    @abstractmethod
+    def get(self, request_id: str) -> StatusEntry | None: ...
+
+    @abstractmethod
+    def update(
+        self, request_id: str, change: Callable[[StatusEntry], StatusEntry | None]
+    ) -> StatusEntry | None:
+        """Read, change and write the entry atomically: no other write falls in between. ``change``
+        returns the new entry, or None to leave it as it is; it must not block or yield. The entry
+        keeps its expiry (``expires_at``). Returns the entry as stored, None if there is none."""
+
+    @abstractmethod
+    def purge_expired(self) -> int:
+        """Delete expired entries now. Returns how many."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+# -- the webhook outbox ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """A webhook owed to a client: ``payload`` (JSON text) to ``url``."""
+
+    request_id: str
+    owner: str
+    url: str
+    payload: str
+
+    @property
+    def webhook_id(self) -> str:
+        """The same on every attempt, so receivers can drop duplicates."""
+        return f"msg_{self.request_id}"
+
+
+@dataclass(frozen=True)
+class OwedDelivery:
+    ticket: int
+    delivery: Delivery
+
+
+class Outbox(ABC):
+    """Webhook deliveries owed, durably, until their sender is done with them."""
+
+    @abstractmethod
+    def owe(self, delivery: Delivery) -> None:
+        """Record the delivery durably; raises StorageUnavailable if it could not be recorded."""
+
+    @abstractmethod
+    def take(self, limit: int) -> list[OwedDelivery]:
+        """Up to ``limit`` owed deliveries not yet taken, oldest first."""
+
+    @abstractmethod
+    def done(self, owed: OwedDelivery) -> None:
+        """The delivery ended (delivered or given up): it is never taken again."""
+
+    @abstractmethod
+    def recover(self) -> int:
+        """Deliveries taken by a sender that is gone are owed again. Only the back end's one sender
+        calls it, when it starts. Returns how many."""
+
+    @abstractmethod
+    def compact(self) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+# -- signals between processes ---------------------------------------------------------------------
+
+
+class RelaySink(ABC):
+    """In a web process: where the streamed events of one request arrive."""
+
+    @abstractmethod
+    def next(self, timeout: float) -> bytes | None:
+        """The next event; b"" if none came within ``timeout``; None once the relay ended."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class RelaySender(ABC):
+    """In a worker: sends one request's events to the web process its client waits on."""
+
+    @abstractmethod
+    def send(self, event: bytes) -> None:
+        """Best effort: a client that went away must not stop the request itself."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class WebSignals(ABC):
+    """A web process's side of the back end's notifier. Every signal is a hint that saves latency:
+    a lost one costs time (workers poll, waiters re-read the store), never a request."""
+
+    @abstractmethod
+    def work_queued(self) -> None:
+        """New jobs wait: wake the workers."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Ask the worker running this job to abort it (the cancel flag is already stored)."""
+
+    @abstractmethod
+    def announce_final(self, request_id: str) -> None:
+        """This request became final here: wake waiters in other web processes."""
+
+    @abstractmethod
+    def listen_finals(self, on_final: Callable[[str], None]) -> None:
+        """Call ``on_final`` with each request id that became final, until ``close``. Blocks (run
+        it in its own greenlet)."""
+
+    @abstractmethod
+    def open_relay(self, request_id: str) -> RelaySink:
+        """Receive the events a worker relays for this request (open before it is queued)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class WorkerSignals(ABC):
+    """A worker's side of the back end's notifier."""
+
+    @abstractmethod
+    def listen(self, on_work: Callable[[], None], on_cancel: Callable[[str], None]) -> None:
+        """Call ``on_work`` when jobs were queued and ``on_cancel`` with each cancelled request id,
+        until ``close``. Blocks (run it in its own greenlet)."""
+
+    @abstractmethod
+    def announce_final(self, request_id: str) -> None:
+        """Wake the web processes waiting on this request. Never blocks the caller."""
+
+    @abstractmethod
+    def relay(self, request_id: str) -> RelaySender: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+# -- the global concurrency ceiling ----------------------------------------------------------------
+
+
+class Slot(ABC):
+    """One job's hold on the upstream ceiling, given back exactly once."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
+class ConcurrencyLimit(ABC):
+    """``MAX_CONCURRENT`` upstream calls in flight at most, across every worker of the back end."""
+
+    @abstractmethod
+    def free(self, timeout: float) -> int:
+        """How many jobs this worker may claim now, waiting up to ``timeout`` for one to free up."""
+
+    @abstractmethod
+    def hold(self) -> Slot:
+        """The slot of a job just claimed (within what ``free`` allowed)."""
+
+
+# -- a back end ------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """One back end, opened once per process; ``storage.factory.open_backend`` picks it."""
+
+    queue: JobQueue
+    statuses: StatusStore
+    outbox: Outbox
+
+    @abstractmethod
+    def web_signals(self) -> WebSignals:
+        """The notifier's web side (one per web process)."""
+
+    @abstractmethod
+    def worker_signals(self) -> WorkerSignals:
+        """The notifier's worker side (one per worker process)."""
+
+    @abstractmethod
+    def concurrency_limit(self, max_concurrent: int) -> ConcurrencyLimit: ...
+
+    @abstractmethod
+    def consumer_admitted(self) -> bool:
+        """Whether this process may consume (claim jobs, send webhooks). The embedded back end
+        admits one consumer at a time (a file lock); False means another one runs."""
+
+    @property
+    @abstractmethod
+    def previous_holders_gone(self) -> bool:
+        """Whether, once admitted, every earlier lease is known dead (the embedded back end's one
+        consumer knows; a networked one waits for leases to lapse)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,167 @@
+"""The web process: wires config, storage and the API together and serves them on gevent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from config import Config
+from llm_proxy.api.app import ApiSettings, create_app
+from llm_proxy.api.auth import KeyChecker, generated_key
+from llm_proxy.api.http import WSGIApp
+from llm_proxy.api.service import RequestService
+from llm_proxy.api.waiters import Waiters
+from llm_proxy.observability.metrics import ENV as METRICS_ENV
+from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition
+from llm_proxy.processes import SUPERVISOR_PID_ENV
+from llm_proxy.services.finalize import Finalizer
+from llm_proxy.storage.base import StorageIncompatible, StorageUnavailable
+from llm_proxy.storage.factory import open_backend
+from llm_proxy.web.supervisor import WorkerSupervisor
+
+log = logging.getLogger("llm_proxy.server")
+
+HTTP_DRAIN_SECONDS = 5.0
+"""How long open HTTP requests get to finish once shutdown starts."""
+
+
+@dataclass
+class Web:
+    app: WSGIApp
+    config: Config
+    closers: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in self.closers:
+            closer.close()
+
+
+def build_web(config: Config) -> Web:
+    """The API wired to the configured back end; ``Web.close`` releases everything it opened."""
+    if not os.environ.get(METRICS_ENV):
+        enable_multiprocess(config.data_dir, fresh=False)
+    keys = config.api_keys or (generated_key(config.data_dir),)
+    backend = open_backend(data_dir=config.data_dir)
+    signals = backend.web_signals()
+    waiters = Waiters()
+    waiters.start(signals)
+
+    def announce(request_id: str) -> None:
+        waiters.wake(request_id)
+        signals.announce_final(request_id)
+
+    finalizer = Finalizer(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        outbox=backend.outbox,
+        result_ttl=config.result_ttl,
+        announce=announce,
+        metrics=Metrics(),
+    )
+    service = RequestService(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        finalizer=finalizer,
+        waiters=waiters,
+        signals=signals,
+        max_queue=config.max_queue,
+    )
+    app = create_app(
+        service=service,
+        keys=KeyChecker(keys),
+        settings=ApiSettings(
+            max_body_bytes=config.max_body_bytes,
+            webhook_allow_private=config.webhook_allow_private,
+            sync_wait_max=config.sync_wait_max,
+            metrics_public=config.metrics_public,
+            # Both well inside SYNC_WAIT_MAX, which stays under the router's 30 s of silence.
+            stream_hold=min(3.0, config.sync_wait_max / 2),
+            stream_keepalive=min(10.0, config.sync_wait_max / 2),
+        ),
+        render_metrics=exposition(backend.queue.counts),
+        signals=signals,
+    )
+    return Web(app=app, config=config, closers=[waiters, backend])
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    """A listening socket with TCP_NODELAY, which accepted sockets inherit: without it gevent's
+    server writes headers and body separately and a keep-alive client stalls ~40 ms on each."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind((host, port))
+    listener.listen(2048)
+    listener.setblocking(False)
+    return listener
+
+
+class QuietHandler(WSGIHandler):  # type: ignore[misc]
+    """No access log: pywsgi formats each line even when it has nowhere to write it."""
+
+    def log_request(self) -> None:
+        pass
+
+
+def make_server(listener: socket.socket, app: WSGIApp) -> WSGIServer:
+    return WSGIServer(
+        listener,
+        app,
+        log=None,
+        error_log=logging.getLogger("llm_proxy.pywsgi"),
+        handler_class=QuietHandler,
+    )
+
+
+def run_web(config: Config, worker_command: list[str]) -> int:
+    """Serve until SIGTERM or SIGINT, with the worker (``worker_command``) as a supervised child
+    when EMBEDDED_WORKER is on."""
+    # Before anything imports prometheus_client; the embedded worker inherits it. A web process that
+    # starts its own worker starts the counters afresh.
+    enable_multiprocess(config.data_dir, fresh=config.embedded_worker)
+    try:
+        web = build_web(config)
+    except (StorageUnavailable, StorageIncompatible, OSError) as exc:
+        print(f"llm-proxy: cannot open DATA_DIR={config.data_dir}: {exc}", file=sys.stderr)
+        return 1
+    host = os.environ.get("HOST", "0.0.0.0")
+    try:
+        listener = make_listener(host, config.port)
+    except OSError as exc:
+        print(f"llm-proxy: cannot listen on {host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    server = make_server(listener, web.app)
+    supervisor: WorkerSupervisor | None = None
+    if config.embedded_worker:
+        supervisor = WorkerSupervisor(
+            worker_command, env={**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+        )
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    server.start()
+    if supervisor is not None:
+        supervisor.start()
+    log.info("listening on %s:%d (embedded worker: %s)", host, config.port, "yes" if supervisor else "no")
+    stop.wait()
+    log.info("shutting down")
+    if supervisor is not None:
+        # The worker starts draining now, while open HTTP requests finish.
+        supervisor.begin_stop()
+    server.stop(timeout=HTTP_DRAIN_SECONDS)
+    if supervisor is not None:
+        # Docker waits 10 s and Heroku 30 s before SIGKILL; the worker needs its own deadline plus
+        # a little to put unfinished requests back.
+        supervisor.stop(timeout=config.shutdown_timeout + 5)
+    web.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,180 @@
+"""Webhook delivery: the worker drains the durable outbox, retrying on a fixed schedule.
+
+The final status (with ``webhook.state = pending``) and the owed delivery are stored before the
+job is acked, so a crash anywhere in between ends with the delivery still owed. Each delivery runs
+in its own greenlet (a semaphore bounds concurrent sends), so a slow receiver delays nobody, and
+none of it takes one of the ``MAX_CONCURRENT`` upstream slots. Progress is written to the status
+entry's ``webhook`` object, where users can see why a webhook did not arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Protocol
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+
+from llm_proxy.domain.status import StatusEntry, WebhookProgress, WebhookState
+from llm_proxy.observability.metrics import Metrics
+from llm_proxy.services.draining import next_batch
+from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery, StatusStore, StorageUnavailable
+from llm_proxy.webhooks.sender import Attempt
+
+log = logging.getLogger("llm_proxy.webhooks")
+
+SCHEDULE = (1, 6, 24, 120, 360)
+"""Waits between attempts, in multiples of WEBHOOK_RETRY_BASE (5 s, 30 s, 2 min, 10 min, 30 min)."""
+JITTER = 0.2
+RETRY_AFTER_CAP = 3600.0
+
+
+def retry_delay(failures: int, base: float, retry_after: float | None, rand: random.Random) -> float | None:
+    """Wait before the next attempt after ``failures`` failed ones; None when it is time to give up."""
+    if failures > len(SCHEDULE):
+        return None
+    if retry_after is not None:
+        return min(retry_after, RETRY_AFTER_CAP)
+    return base * SCHEDULE[failures - 1] * rand.uniform(1 - JITTER, 1 + JITTER)
+
+
+def after_attempt(
+    progress: WebhookProgress, attempt: Attempt, base: float, rand: random.Random, now: float
+) -> WebhookProgress:
+    """The progress once ``attempt`` is made: delivered, failed for good, or a retry scheduled."""
+    attempts = progress.attempts + 1
+    delay = (
+        None if attempt.delivered or attempt.final else retry_delay(attempts, base, attempt.retry_after, rand)
+    )
+    if delay is None:
+        state = WebhookState.DELIVERED if attempt.delivered else WebhookState.FAILED
+        next_at = None
+    else:
+        state, next_at = WebhookState.PENDING, int((now + delay) * 1000)
+    return WebhookProgress(
+        state=state,
+        attempts=attempts,
+        last_status=attempt.status,
+        last_error=attempt.error,
+        next_attempt_at=next_at,
+    )
+
+
+class Sender(Protocol):
+    def send(self, url: str, webhook_id: str, body: str) -> Attempt: ...
+
+
+class WebhookDeliverer:
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        statuses: StatusStore,
+        sender: Sender,
+        retry_base: float,
+        concurrency: int,
+        poll_interval: float = 1.0,
+        rand: random.Random | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._statuses = statuses
+        self._sender = sender
+        self._retry_base = retry_base
+        self._sending = gevent.lock.BoundedSemaphore(concurrency)
+        self._poll_interval = poll_interval
+        self._rand = rand or random.Random()  # noqa: S311 - jitter, not secrets
+        self._metrics = metrics
+        self._group = gevent.pool.Group()
+        self._active: set[str] = set()
+        self._nudged = gevent.event.Event()
+        self._stopping = gevent.event.Event()
+
+    def owe(self, delivery: Delivery) -> None:
+        """Owe a delivery durably (raises StorageUnavailable if it could not be recorded) and wake
+        the sending loop."""
+        self._outbox.owe(delivery)
+        self._nudged.set()
+
+    def stop(self) -> None:
+        """Stop sending. Unfinished deliveries stay in the outbox and resume on the next start."""
+        self._stopping.set()
+        self._nudged.set()
+        self._group.kill(block=True, timeout=5)
+
+    def run(self) -> None:
+        recovered = self._outbox.recover()
+        if recovered:
+            log.info("%d webhook delivery(ies) resumed", recovered)
+        while not self._stopping.is_set():
+            batch = next_batch(
+                lambda: self._outbox.take(100),
+                nudged=self._nudged,
+                stopping=self._stopping,
+                poll_interval=self._poll_interval,
+                what="webhook deliveries",
+            )
+            for owed in batch:
+                self._group.spawn(self._deliver, owed)
+
+    def _deliver(self, owed: OwedDelivery) -> None:
+        request_id = owed.delivery.request_id
+        try:
+            if request_id in self._active:
+                # A second copy of a delivery already under way (owed again after a crash).
+                self._outbox.done(owed)
+                return
+            self._active.add(request_id)
+            try:
+                self._deliver_one(owed)
+            finally:
+                self._active.discard(request_id)
+        except StorageUnavailable as exc:
+            log.error("webhook for %s: storage failed; it resumes on restart: %s", request_id, exc)
+
+    def _deliver_one(self, owed: OwedDelivery) -> None:
+        delivery = owed.delivery
+        entry = self._statuses.get(delivery.request_id)
+        progress = (entry.webhook if entry else None) or WebhookProgress()
+        while progress.state is WebhookState.PENDING:
+            if progress.next_attempt_at is not None:
+                wait = progress.next_attempt_at / 1000.0 - time.time()
+                if wait > 0:
+                    gevent.sleep(wait)
+            with self._sending:
+                attempt = self._sender.send(delivery.url, delivery.webhook_id, delivery.payload)
+            progress = after_attempt(progress, attempt, self._retry_base, self._rand, time.time())
+            self._record(delivery.request_id, progress)
+            if progress.state is WebhookState.PENDING:
+                log.info(
+                    "webhook for %s: attempt %d failed (%s), next in %.1f s",
+                    delivery.request_id,
+                    progress.attempts,
+                    attempt.error,
+                    (progress.next_attempt_at or 0) / 1000.0 - time.time(),
+                )
+                continue
+            if self._metrics is not None:
+                self._metrics.delivered(progress.state.value)
+            log.info(
+                "webhook for %s: %s after %d attempt(s)%s",
+                delivery.request_id,
+                progress.state.value,
+                progress.attempts,
+                f" ({attempt.error})" if attempt.error else "",
+            )
+        self._outbox.done(owed)
+
+    def _record(self, request_id: str, progress: WebhookProgress) -> None:
+        """Only the ``webhook`` field changes, atomically: nothing else written meanwhile is lost.
+        When the result expired, the delivery goes on without a place to report."""
+
+        def change(entry: StatusEntry) -> StatusEntry:
+            return dataclasses.replace(entry, webhook=progress)
+
+        self._statuses.update(request_id, change)

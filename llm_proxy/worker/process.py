@@ -1,0 +1,135 @@
+"""The worker process: ``python worker.py`` runs it alone; ``python app.py`` starts it as a
+supervised child. Wires the back end, the upstream client and the webhook deliverer together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import gevent
+import gevent.event
+
+from config import Config
+from llm_proxy import processes
+from llm_proxy.observability.metrics import ENV as METRICS_ENV
+from llm_proxy.observability.metrics import Metrics, enable_multiprocess
+from llm_proxy.services.finalize import Finalizer
+from llm_proxy.storage.base import Backend, StorageIncompatible, StorageUnavailable
+from llm_proxy.storage.factory import open_backend
+from llm_proxy.upstream.client import UpstreamClient
+from llm_proxy.webhooks.delivery import WebhookDeliverer
+from llm_proxy.webhooks.sender import WebhookSender
+from llm_proxy.worker.dispatcher import Dispatcher, DispatchSettings
+from llm_proxy.worker.retry import RetryPolicy
+from llm_proxy.worker.runner import JobRunner
+
+log = logging.getLogger("llm_proxy.worker")
+
+
+def _watch_parent(expected: int, dispatcher: Dispatcher) -> None:
+    """An embedded worker whose web process died must not linger as an orphan."""
+    while os.getppid() == expected:
+        gevent.sleep(1.0)
+    log.warning("the web process is gone; stopping")
+    dispatcher.stop()
+
+
+def run_worker(config: Config) -> int:
+    if not os.environ.get(METRICS_ENV):
+        # Run on its own (not as web's child): share DATA_DIR/metrics with the web process.
+        enable_multiprocess(config.data_dir, fresh=False)
+    try:
+        backend = open_backend(data_dir=config.data_dir)
+    except (StorageUnavailable, StorageIncompatible) as exc:
+        print(f"llm-proxy worker: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if not backend.consumer_admitted():
+            print(
+                f"llm-proxy worker: another worker is already running on DATA_DIR={config.data_dir} "
+                "(two consumers of one queue would hand out requests twice); not starting.",
+                file=sys.stderr,
+            )
+            return processes.LOCKED
+        return _serve(config, backend)
+    finally:
+        backend.close()
+
+
+def _serve(config: Config, backend: Backend) -> int:
+    signals = backend.worker_signals()
+    metrics = Metrics()
+    stopping = gevent.event.Event()
+    upstream = UpstreamClient(
+        base_url=config.openai_api_base_url,
+        api_key=config.openai_api_key,
+        timeout=config.request_timeout,
+        pool_size=config.max_concurrent,
+    )
+    sender = WebhookSender(
+        secret=config.webhook_secret,
+        allow_private=config.webhook_allow_private,
+        timeout=config.webhook_timeout,
+    )
+    deliverer = WebhookDeliverer(
+        outbox=backend.outbox,
+        statuses=backend.statuses,
+        sender=sender,
+        retry_base=config.webhook_retry_base,
+        concurrency=config.webhook_concurrency,
+        metrics=metrics,
+    )
+    finalizer = Finalizer(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        outbox=deliverer,
+        result_ttl=config.result_ttl,
+        announce=signals.announce_final,
+        metrics=metrics,
+    )
+    runner = JobRunner(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        upstream=upstream,
+        finalizer=finalizer,
+        policy=RetryPolicy(
+            max_retries=config.max_retries,
+            base_delay=config.retry_base_delay,
+            max_delay=config.retry_max_delay,
+        ),
+        stopping=stopping,
+        relay=signals.relay,
+        metrics=metrics,
+    )
+    dispatcher = Dispatcher(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        limit=backend.concurrency_limit(config.max_concurrent),
+        runner=runner,
+        settings=DispatchSettings(shutdown_timeout=config.shutdown_timeout),
+        stopping=stopping,
+        signals=signals,
+        previous_holders_gone=backend.previous_holders_gone,
+        maintenance=(backend.outbox.compact,),
+    )
+    gevent.signal_handler(signal.SIGTERM, dispatcher.stop)
+    gevent.signal_handler(signal.SIGINT, dispatcher.stop)
+    parent = os.environ.get(processes.SUPERVISOR_PID_ENV)
+    if parent and parent.isdigit():
+        gevent.spawn(_watch_parent, int(parent), dispatcher)
+    log.info(
+        "worker started: MAX_CONCURRENT=%d, upstream %s", config.max_concurrent, config.openai_api_base_url
+    )
+    delivering = gevent.spawn(deliverer.run)
+    try:
+        dispatcher.run()
+    finally:
+        # Deliveries go on while in-flight requests drain, and stop only after them.
+        deliverer.stop()
+        delivering.kill()
+        sender.close()
+        upstream.close()
+    log.info("worker stopped")
+    return 0

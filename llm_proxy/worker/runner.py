@@ -1,0 +1,202 @@
+"""Running one claimed job: its attempts, its final status, or putting it back.
+
+The runner knows nothing of HTTP nor of how jobs are claimed: it gets a claim and a slot, talks to
+the upstream, writes statuses and hands the end to the ``Finalizer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import gevent
+import gevent.event
+
+from llm_proxy.domain.job import Job, now_ms
+from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.observability.metrics import Metrics
+from llm_proxy.services.finalize import Finalizer
+from llm_proxy.storage.base import Claim, JobQueue, RelaySender, Slot, StatusStore, StorageUnavailable
+from llm_proxy.upstream.outcome import Outcome
+from llm_proxy.worker.retry import Finish, RetryAfter, RetryPolicy, decide, exhausted_by_crashes
+
+log = logging.getLogger("llm_proxy.worker")
+
+
+class Upstream(Protocol):
+    def complete(self, body: dict[str, Any]) -> Outcome: ...
+
+    def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome: ...
+
+
+class Cancelled(Exception):
+    """Raised inside a job's greenlet when its cancellation arrives."""
+
+
+class GracefulStop(Exception):
+    """Raised inside a job's greenlet when shutdown's deadline passes: the job is put back."""
+
+
+class LeaseLost(Exception):
+    """Raised inside a job's greenlet when its lease is no longer current: another worker may
+    hold the job now, so this one stops without writing anything."""
+
+
+def entry_for(job: Job, status: Status, **fields: Any) -> StatusEntry:
+    return StatusEntry(
+        status=status, request_json=job.body_json, owner=job.owner, timestamp=now_ms(), **fields
+    )
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        statuses: StatusStore,
+        upstream: Upstream,
+        finalizer: Finalizer,
+        policy: RetryPolicy,
+        stopping: gevent.event.Event,
+        relay: Callable[[str], RelaySender] | None = None,
+        metrics: Metrics | None = None,
+        sleep: Callable[[float], Any] = gevent.sleep,
+    ) -> None:
+        self._queue = queue
+        self._statuses = statuses
+        self._upstream = upstream
+        self._finalizer = finalizer
+        self._policy = policy
+        self._stopping = stopping
+        self._relay = relay
+        self._metrics = metrics
+        self._sleep = sleep
+
+    def run(self, claim: Claim, slot: Slot) -> None:
+        """Run the job to its end (or put it back); the slot is given back as soon as the last
+        upstream call is answered, so bookkeeping never delays the next call."""
+        job = claim.job
+        try:
+            self._process(claim, slot)
+        except GracefulStop:
+            self._put_back(claim)
+        except LeaseLost:
+            log.warning("request %s: lease lost; left to its new holder", job.request_id)
+        except Cancelled:
+            slot.release()
+            self._finish(claim, Status.CANCELLED, attempts=self._attempts_of(job))
+        except StorageUnavailable as exc:
+            log.error("request %s: storage failed, it will be retried: %s", job.request_id, exc)
+            self._release_when_possible(claim)
+        except Exception:
+            log.exception("request %s: unexpected failure", job.request_id)
+            current = self._statuses.get(job.request_id)
+            if current is not None and current.status.final:
+                # It failed after its result was stored: that result stands.
+                self._queue.ack(claim)
+                return
+            self._finish(
+                claim,
+                Status.ERROR,
+                error={
+                    "message": "the proxy failed while processing the request",
+                    "type": "internal_error",
+                    "attempts": self._attempts_of(job),
+                },
+            )
+        finally:
+            slot.release()
+
+    def _process(self, claim: Claim, slot: Slot) -> None:
+        job = claim.job
+        if claim.cancel_requested:
+            raise Cancelled
+        # A job handed out for the first time cannot have a status yet.
+        entry = None if claim.fresh else self._statuses.get(job.request_id)
+        if entry is not None and entry.status.final:
+            self._finalizer.complete_redelivered(claim, entry)
+            return
+        attempts = entry.attempts_made if entry else 0
+        ended = exhausted_by_crashes(attempts, self._policy)
+        while ended is None:
+            attempts += 1
+            # Stored before the call, so a crash during it counts as an attempt.
+            self._statuses.put(job.request_id, entry_for(job, Status.PROCESSING, attempts=attempts))
+            started = time.monotonic()
+            try:
+                outcome = self._call(job)
+            except GracefulStop:
+                # A call cut short by shutdown does not count against the request.
+                self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1))
+                raise
+            if self._metrics is not None:
+                kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
+                self._metrics.attempted(kind, time.monotonic() - started)
+            decision = decide(attempts, outcome, self._policy)
+            if isinstance(decision, RetryAfter):
+                log.info(
+                    "request %s: attempt %d failed (%s), retrying in %.2f s",
+                    job.request_id,
+                    attempts,
+                    outcome.error.get("type"),
+                    decision.delay,
+                )
+                if self._queue.cancel_requested(job.request_id):
+                    raise Cancelled
+                self._sleep(decision.delay)
+                continue
+            slot.release()
+            self._end(claim, decision, attempts)
+            return
+        self._end(claim, ended, None)
+
+    def _end(self, claim: Claim, ended: Finish, attempts: int | None) -> None:
+        if ended.status is Status.COMPLETED:
+            self._finish(claim, ended.status, response_json=ended.response_json, attempts=attempts)
+        else:
+            self._finish(claim, ended.status, error=ended.error)
+
+    def _call(self, job: Job) -> Outcome:
+        if not (job.relay and self._relay is not None):
+            return self._upstream.complete(job.body)
+        relay = self._relay(job.request_id)
+        try:
+            return self._upstream.stream(job.body, relay.send)
+        finally:
+            relay.close()
+
+    def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
+        self._finalizer.finish(
+            claim.job.request_id,
+            entry_for(claim.job, status, **fields),
+            webhook_url=claim.job.webhook_url,
+            claim=claim,
+        )
+
+    def _attempts_of(self, job: Job) -> int:
+        entry = self._statuses.get(job.request_id)
+        return entry.attempts_made if entry else 0
+
+    def _put_back(self, claim: Claim) -> None:
+        job = claim.job
+        try:
+            entry = self._statuses.get(job.request_id)
+            if entry is None or entry.status is not Status.PENDING:
+                attempts = entry.attempts_made if entry else 0
+                self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts))
+            self._queue.release(claim)
+        except StorageUnavailable as exc:
+            log.error("request %s: could not put it back; its lease will lapse: %s", job.request_id, exc)
+
+    def _release_when_possible(self, claim: Claim) -> None:
+        """Hand the job back once the store works again. Should the worker stop first, the claim's
+        lease lapses and the job waits again then."""
+        delay = 1.0
+        while not self._stopping.wait(delay):
+            try:
+                self._queue.release(claim)
+                return
+            except StorageUnavailable:
+                delay = min(delay * 2, 30.0)

@@ -1,0 +1,217 @@
+"""A fake OpenAI-compatible upstream on 127.0.0.1, steerable per request, for tests and benchmarks.
+
+Run: ``python tests/support/fake_upstream.py [--port N] [--delay S]``; it prints ``PORT <n>`` once listening.
+A request steers its own answer with a top-level ``x_fake`` object (the proxy passes unknown fields
+through): ``{"key": "k", "delay": 0.2, "fail_times": 2, "fail_status": 503, "status": 400,
+"retry_after": "0", "error_code": "insufficient_quota", "garbage": true, "slow_times": 1}``.
+``fail_times`` and ``slow_times`` (only the first n calls wait ``delay``) count per ``key``.
+``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen; ``POST /_reset`` clears it.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Iterable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+
+class FakeUpstream:
+    def __init__(self, default_delay: float) -> None:
+        self.default_delay = default_delay
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.inflight = 0
+        self.peak = 0
+        self.by_key: Counter[str] = Counter()
+        self.authorizations: set[str] = set()
+        self.bodies_with_proxy_fields = 0
+        self.streamed = 0
+        self.first_call_at: dict[str, float] = {}
+        self.streamed_calls = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "inflight": self.inflight,
+            "peak": self.peak,
+            "by_key": dict(self.by_key),
+            "authorizations": sorted(self.authorizations),
+            "bodies_with_proxy_fields": self.bodies_with_proxy_fields,
+            "streamed": self.streamed,
+            "first_call_at": self.first_call_at,
+            "streamed_calls": self.streamed_calls,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/_stats":
+            return self._json(start_response, 200, self.stats())
+        if path == "/_reset" and method == "POST":
+            self.reset()
+            return self._json(start_response, 200, {"ok": True})
+        if path != "/v1/chat/completions" or method != "POST":
+            return self._json(start_response, 404, {"error": {"message": "no such route"}})
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = json.loads(environ["wsgi.input"].read(length) or b"{}")
+        return self._complete(environ, start_response, body)
+
+    def _complete(
+        self, environ: dict[str, Any], start_response: Any, body: dict[str, Any]
+    ) -> Iterable[bytes]:
+        arrived = time.time()
+        fake = body.get("x_fake") or {}
+        key = str(fake.get("key", ""))
+        self.calls += 1
+        self.by_key[key] += 1
+        attempt = self.by_key[key]
+        if key and key not in self.first_call_at:
+            self.first_call_at[key] = arrived
+        self.authorizations.add(environ.get("HTTP_AUTHORIZATION", ""))
+        if "webhookUrl" in body:
+            self.bodies_with_proxy_fields += 1
+        if "stream" in body or "stream_options" in body:
+            self.streamed += 1
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            delay = float(fake.get("delay", self.default_delay))
+            if "slow_times" in fake and attempt > int(fake["slow_times"]):
+                delay = 0.0
+            if delay > 0:
+                gevent.sleep(delay)
+            headers = {}
+            if "retry_after" in fake:
+                headers["Retry-After"] = str(fake["retry_after"])
+            if attempt <= int(fake.get("fail_times", 0)):
+                status = int(fake.get("fail_status", 500))
+                error = {
+                    "message": f"induced failure {attempt}",
+                    "type": "server_error",
+                    "code": fake.get("error_code"),
+                }
+                return self._json(start_response, status, {"error": error}, headers)
+            if "status" in fake:
+                status = int(fake["status"])
+                error = {
+                    "message": f"induced status {status}",
+                    "type": "invalid_request_error",
+                    "code": fake.get("error_code"),
+                }
+                return self._json(start_response, status, {"error": error}, headers)
+            if fake.get("garbage"):
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"not json"]
+            messages = body.get("messages") or [{}]
+            content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
+            if body.get("stream"):
+                self.streamed_calls += 1
+                start_response("200 OK", [("Content-Type", "text/event-stream")])
+                return self._stream(f"echo: {content}", body, fake, int(arrived))
+            return self._json(
+                start_response,
+                200,
+                {
+                    "id": f"chatcmpl-{self.calls}",
+                    "object": "chat.completion",
+                    "created": int(arrived),
+                    "model": body.get("model"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": f"echo: {content}"},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
+        finally:
+            self.inflight -= 1
+
+    def _stream(self, text: str, body: dict[str, Any], fake: dict[str, Any], created: int) -> Iterator[bytes]:
+        """The answer as OpenAI streams it, a word per chunk, ``chunk_delay`` apart; with
+        ``break_after`` the connection drops after that many chunks."""
+        words = text.split(" ")
+        head = {
+            "id": f"chatcmpl-{self.calls}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.get("model"),
+        }
+
+        def event(payload: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps({**head, **payload}).encode() + b"\n\n"
+
+        yield event(
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        )
+        for number, word in enumerate(words):
+            if "break_after" in fake and number >= int(fake["break_after"]):
+                raise ConnectionError("induced break")
+            gevent.sleep(float(fake.get("chunk_delay", 0.0)))
+            piece = word if number == 0 else " " + word
+            yield event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield event(
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 1,
+                        "completion_tokens": len(words),
+                        "total_tokens": 1 + len(words),
+                    },
+                }
+            )
+        yield b"data: [DONE]\n\n"
+
+    @staticmethod
+    def _json(
+        start_response: Any, status: int, payload: Any, headers: dict[str, str] | None = None
+    ) -> list[bytes]:
+        data = json.dumps(payload).encode()
+        start_response(
+            f"{status} X",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                *(headers or {}).items(),
+            ],
+        )
+        return [data]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(1024)
+    server = WSGIServer(listener, FakeUpstream(args.delay), log=None)
+    server.start()
+    print(f"PORT {listener.getsockname()[1]}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
