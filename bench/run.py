@@ -12,13 +12,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -36,8 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.harness import free_port, wait_until  # noqa: E402
-
 from loadgen import (  # noqa: E402
     Connection,
     LoadResult,
@@ -47,6 +45,8 @@ from loadgen import (  # noqa: E402
     submit_many,
     wrk_available,
 )
+
+from support.harness import free_port, wait_until  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
@@ -206,6 +206,11 @@ class Bench:
     def upstream_stats(self) -> dict[str, Any]:
         return dict(requests.get(f"http://127.0.0.1:{self.upstream_port}/_stats", timeout=5).json())
 
+    def first_call_at(self, key: str) -> float | None:
+        """When the upstream first saw the request tagged ``key`` (None: not yet)."""
+        seen = self.upstream_stats()["first_call_at"].get(key)
+        return None if seen is None else float(seen)
+
     def reset_upstream(self) -> None:
         requests.post(f"http://127.0.0.1:{self.upstream_port}/_reset", timeout=5)
 
@@ -271,8 +276,8 @@ class Bench:
             for label, request_id in (("status (completed)", done_id), ("status (pending)", deep_id)):
                 path = f"/v1/chat/completions/{request_id}"
                 ceiling_status, results = self.paired(
-                    lambda path=path: self.drive(self.ceiling_port, "GET", path),
-                    lambda path=path: self.drive(service.port, "GET", path),
+                    functools.partial(self.drive, self.ceiling_port, "GET", path),
+                    functools.partial(self.drive, service.port, "GET", path),
                 )
                 ratio = median_rate(results) / median_rate(ceiling_status)
                 bad = sum(r.bad for r in results)
@@ -309,7 +314,7 @@ class Bench:
             for i in range(count):
                 key = f"dispatch-{i}"
                 _, accepted_at = submit_many(service.port, [body(key)], HEADERS, concurrency=1)[0]
-                arrived = wait_until(lambda k=key: self.upstream_stats()["first_call_at"].get(k), timeout=10)
+                arrived = wait_until(functools.partial(self.first_call_at, key), timeout=10)
                 # The worker is nudged before the 202 is written, so the call can arrive first: 0 then.
                 gaps.append(max(0.0, arrived - accepted_at) * 1000)
                 time.sleep(0.02)

@@ -10,8 +10,8 @@ import openai
 import pytest
 import requests
 
-from llm_proxy.api.app import preferred_wait
 from conftest import API_KEY, FakeUpstream, Service, body
+from llm_proxy.api.app import preferred_wait
 
 MakeService = Callable[..., Service]
 

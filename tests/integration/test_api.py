@@ -12,64 +12,25 @@ import gevent
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from webtest import TestApp
 
-from app import ApiSettings, create_app
-from auth import KeyChecker
 from conftest import API_KEY, body
-from http_errors import SECURITY_HEADERS
-from sqlite_storage import DiskcacheStatusStore, PersistJobQueue, open_storage
-from storage import Claim, Job, Status, StorageUnavailable
-from waiters import Waiters
-from worker import status_entry
+from llm_proxy.api.http import SECURITY_HEADERS
+from llm_proxy.domain.job import Job
+from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.storage.base import Claim, StorageUnavailable
+from llm_proxy.storage.sqlite.queue import PersistJobQueue
+from llm_proxy.storage.sqlite.statuses import DiskcacheStatusStore
+from llm_proxy.worker.runner import entry_for
+from support.web import OTHER_KEY, InProcessWeb, claim_one
 
-OTHER_KEY = "other-key-987654321"
-
-
-class Harness:
-    def __init__(self, tmp_path: Path, waiters: Waiters | None = None, **settings: Any) -> None:
-        self.queue, self.statuses = open_storage(tmp_path / "data")
-        self.nudges = 0
-        self.app = TestApp(
-            create_app(
-                waiters=waiters,
-                queue=self.queue,
-                statuses=self.statuses,
-                keys=KeyChecker([API_KEY, OTHER_KEY]),
-                settings=ApiSettings(**{"max_body_bytes": 16384, "max_queue": 100, **settings}),
-                notify=self.nudge,
-            )
-        )
-
-    def nudge(self) -> None:
-        self.nudges += 1
-
-    def submit(
-        self,
-        payload: Any = None,
-        key: str = API_KEY,
-        status: int | str = "*",
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        data = payload if isinstance(payload, bytes) else json.dumps(body() if payload is None else payload)
-        return self.app.post(
-            "/v1/chat/completions",
-            data,
-            headers={"X-API-Key": key, **(headers or {})},
-            content_type="application/json",
-            status=status,
-        )
-
-    def get(self, request_id: str, key: str = API_KEY) -> Any:
-        return self.app.get(f"/v1/chat/completions/{request_id}", headers={"X-API-Key": key}, status="*")
+Harness = InProcessWeb
 
 
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
+    harness = Harness(tmp_path / "data")
     yield harness
-    harness.queue.close()
-    harness.statuses.close()
+    harness.close()
 
 
 def assert_error(reply: Any, status: int, kind: str) -> dict[str, Any]:
@@ -97,7 +58,7 @@ def test_submit_answers_202_after_queueing_durably(h: Harness, tmp_path: Path) -
     assert h.nudges == 1
     # Another process opening the same DATA_DIR sees the job: it is on disk, not in memory.
     other = PersistJobQueue(tmp_path / "data" / "queue")
-    claim = other.claim()
+    claim = claim_one(other)
     assert claim is not None and claim.job.request_id == accepted["request_id"]
     assert claim.job.body == body("one")
     other.close()
@@ -106,9 +67,9 @@ def test_submit_answers_202_after_queueing_durably(h: Harness, tmp_path: Path) -
 def test_queue_positions_and_active_requests(h: Harness) -> None:
     ids = [h.submit(body(str(i)), status=202).json["request_id"] for i in range(3)]
     assert h.submit(status=202).json["queue_position"] == 4
-    claim = h.queue.claim()
+    claim = claim_one(h.queue)
     assert claim is not None
-    h.statuses.put(claim.job.request_id, status_entry(claim.job, Status.PROCESSING))
+    h.statuses.put(claim.job.request_id, entry_for(claim.job, Status.PROCESSING))
     fourth = h.submit(status=202).json
     assert fourth["queue_position"] == 4 and fourth["active_requests"] == 1
     assert h.get(ids[2]).json["queue_position"] == 2
@@ -125,11 +86,11 @@ def test_status_shapes_for_each_state(h: Harness) -> None:
     assert isinstance(pending["timestamp"], int)
     assert "owner" not in pending and "ticket" not in pending
 
-    claim = h.queue.claim()
+    claim = claim_one(h.queue)
     assert isinstance(claim, Claim)
     h.statuses.put(
         rid,
-        status_entry(claim.job, Status.COMPLETED, response_json='{"id": "x", "choices": []}', attempts=1),
+        entry_for(claim.job, Status.COMPLETED, response_json='{"id": "x", "choices": []}', attempts=1),
         ttl=60,
     )
     completed = h.get(rid).json
@@ -137,7 +98,7 @@ def test_status_shapes_for_each_state(h: Harness) -> None:
 
     h.statuses.put(
         rid,
-        status_entry(claim.job, Status.ERROR, error={"message": "m", "type": "timeout", "attempts": 4}),
+        entry_for(claim.job, Status.ERROR, error={"message": "m", "type": "timeout", "attempts": 4}),
         ttl=60,
     )
     failed = h.get(rid).json
@@ -172,7 +133,7 @@ def test_missing_or_wrong_key_is_401(h: Harness, headers: dict[str, str]) -> Non
         401,
         "authentication_error",
     )
-    assert h.queue.waiting() == 0
+    assert h.queue.counts().waiting == 0
 
 
 def test_bearer_key_is_accepted(h: Harness) -> None:
@@ -202,7 +163,7 @@ def test_bodies_that_are_not_a_json_object_are_400(h: Harness, raw: bytes) -> No
     error = assert_error(reply, 400, "validation_error")
     assert error["message"] == "Invalid request body"
     assert error["details"] and all({"path", "message"} <= set(d) for d in error["details"])
-    assert h.queue.waiting() == 0
+    assert h.queue.counts().waiting == 0
 
 
 def test_validation_reports_each_problem_with_its_path(h: Harness) -> None:
@@ -222,17 +183,17 @@ def test_validation_reports_each_problem_with_its_path(h: Harness) -> None:
 def test_body_over_the_limit_is_413(h: Harness) -> None:
     reply = h.submit(body("x" * 20000))
     assert_error(reply, 413, "request_too_large")
-    assert h.queue.waiting() == 0
+    assert h.queue.counts().waiting == 0
 
 
 def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
-    harness = Harness(tmp_path, max_queue=2)
+    harness = Harness(tmp_path / "data", max_queue=2)
     harness.submit(status=202)
     harness.submit(status=202)
     reply = harness.submit()
     assert_error(reply, 429, "queue_full")
     assert int(reply.headers["Retry-After"]) > 0
-    assert harness.queue.waiting() == 2
+    assert harness.queue.counts().waiting == 2
 
 
 class BrokenQueue(PersistJobQueue):
@@ -244,19 +205,12 @@ class BrokenQueue(PersistJobQueue):
 
 def test_storage_failure_is_503_never_202(tmp_path: Path) -> None:
     queue = BrokenQueue(tmp_path / "q")
-    statuses = DiskcacheStatusStore(tmp_path / "s")
-    app = TestApp(
-        create_app(
-            queue=queue,
-            statuses=statuses,
-            keys=KeyChecker([API_KEY]),
-            settings=ApiSettings(max_body_bytes=4096, max_queue=10),
-        )
-    )
-    reply = app.post("/v1/chat/completions", json.dumps(body()), headers={"X-API-Key": API_KEY}, status="*")
+    web = Harness(tmp_path / "data", queue=queue)
+    reply = web.submit(body())
     assert_error(reply, 503, "service_unavailable")
     assert int(reply.headers["Retry-After"]) > 0
-    assert queue.waiting() == 0
+    assert queue.counts().waiting == 0
+    web.close()
 
 
 @pytest.mark.parametrize(
@@ -277,19 +231,11 @@ def test_route_errors_are_json(h: Harness, method: str, path: str, status: int) 
 
 def test_unhandled_exception_is_json_500_with_headers(tmp_path: Path) -> None:
     class Exploding(DiskcacheStatusStore):
-        def get(self, request_id: str) -> dict[str, Any] | None:
+        def get(self, request_id: str) -> StatusEntry | None:
             raise RuntimeError("boom")
 
-    queue, _ = open_storage(tmp_path)
-    app = TestApp(
-        create_app(
-            queue=queue,
-            statuses=Exploding(tmp_path / "s2"),
-            keys=KeyChecker([API_KEY]),
-            settings=ApiSettings(max_body_bytes=4096, max_queue=10),
-        )
-    )
-    reply = app.get(
+    web = Harness(tmp_path / "data", statuses=Exploding(tmp_path / "s2"))
+    reply = web.app.get(
         "/v1/chat/completions/chatreq_abcdefghijklmnopqr", headers={"X-API-Key": API_KEY}, status="*"
     )
     assert_error(reply, 500, "internal_error")
@@ -321,9 +267,8 @@ def test_arbitrary_bodies_get_a_json_4xx_and_store_nothing(raw: bytes) -> None:
         if reply.status_int != 202:
             assert 400 <= reply.status_int < 500
             assert reply.json["error"]["type"] == "validation_error"
-            assert harness.queue.waiting() == 0
-        harness.queue.close()
-        harness.statuses.close()
+            assert harness.queue.counts().waiting == 0
+        harness.close()
 
 
 @pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e999"])
@@ -337,34 +282,33 @@ def test_bad_wait_is_400(h: Harness, wait: str) -> None:
 def test_pending_answers_carry_retry_after_and_final_ones_do_not(h: Harness) -> None:
     rid = h.submit(status=202).json["request_id"]
     assert h.get(rid).headers["Retry-After"] == "1"
-    claim = h.queue.claim()
+    claim = claim_one(h.queue)
     assert claim is not None
-    h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json="{}", attempts=1), ttl=60)
+    h.statuses.put(rid, entry_for(claim.job, Status.COMPLETED, response_json="{}", attempts=1), ttl=60)
     assert "Retry-After" not in h.get(rid).headers
 
 
 def test_long_poll_returns_when_the_worker_announces_the_result(tmp_path: Path) -> None:
-    waiters = Waiters()
-    h = Harness(tmp_path, waiters=waiters, sync_wait_max=60)
+    h = Harness(tmp_path / "data", sync_wait_max=60)
     rid = h.submit(status=202).json["request_id"]
 
     def finish() -> None:
         gevent.sleep(0.2)
-        claim = h.queue.claim()
+        claim = claim_one(h.queue)
         assert claim is not None
-        h.statuses.put(rid, status_entry(claim.job, Status.COMPLETED, response_json='{"ok": 1}'), ttl=60)
-        waiters.wake(rid)
+        h.statuses.put(rid, entry_for(claim.job, Status.COMPLETED, response_json='{"ok": 1}'), ttl=60)
+        h.waiters.wake(rid)
 
     gevent.spawn(finish)
     # Without the wake-up this would hold for the full 60 s.
     with gevent.Timeout(15):
         reply = h.app.get(f"/v1/chat/completions/{rid}?wait=60", headers={"X-API-Key": API_KEY})
     assert reply.json["status"] == "completed" and reply.json["response"] == {"ok": 1}
-    assert len(waiters) == 0
+    assert len(h.waiters) == 0
 
 
 def test_long_poll_is_capped_and_answers_the_current_status(tmp_path: Path) -> None:
-    h = Harness(tmp_path, sync_wait_max=0.2)
+    h = Harness(tmp_path / "data", sync_wait_max=0.2)
     rid = h.submit(status=202).json["request_id"]
     with gevent.Timeout(15):
         reply = h.app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})
@@ -377,7 +321,7 @@ def test_idempotency_key_replays_the_original_request(h: Harness) -> None:
     assert again.json["request_id"] == first.json["request_id"]
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
-    assert h.queue.waiting() == 1 and h.nudges == 1
+    assert h.queue.counts().waiting == 1 and h.nudges == 1
     conflict = h.submit(body("changed"), headers={"Idempotency-Key": "order-42"})
     error = assert_error(conflict, 422, "idempotency_error")
     assert error["request_id"] == first.json["request_id"]

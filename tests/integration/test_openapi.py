@@ -4,29 +4,46 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import schemathesis
 from schemathesis.config import PositiveDataAcceptanceConfig
-from webtest import TestApp
 
-from app import OPENAPI_PATH, ApiSettings, create_app
-from auth import KeyChecker
 from conftest import API_KEY
-from sqlite_storage import open_storage
+from llm_proxy.api.app import OPENAPI_PATH
+from support.web import InProcessWeb
 
 DOCUMENT = json.loads(OPENAPI_PATH.read_text())
-_DATA = Path(tempfile.mkdtemp(prefix="llm-proxy-openapi-"))
-_QUEUE, _STATUSES = open_storage(_DATA)
-APP = create_app(
-    queue=_QUEUE,
-    statuses=_STATUSES,
-    keys=KeyChecker([API_KEY]),
+
+
+class _AppOfTheModule:
+    """The WSGI app schemathesis calls, built by the ``web`` fixture (in pytest's temporary
+    folders), not when the module is imported."""
+
+    app: Any = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+APP = _AppOfTheModule()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessWeb]:
     # No worker runs here: waits would only ever time out, so they are kept short.
-    settings=ApiSettings(max_body_bytes=64 * 1024, max_queue=1_000_000, sync_wait_max=0.01),
-)
+    opened = InProcessWeb(
+        tmp_path_factory.mktemp("openapi") / "data",
+        max_queue=1_000_000,
+        max_body_bytes=64 * 1024,
+        sync_wait_max=0.01,
+    )
+    APP.app = opened.app.app
+    yield opened
+    APP.app = None
+    opened.close()
 
 
 def bottle_routes(app: Any) -> set[tuple[str, str]]:
@@ -37,19 +54,20 @@ def bottle_routes(app: Any) -> set[tuple[str, str]]:
     return routes
 
 
-def test_document_is_served_without_a_key() -> None:
-    reply = TestApp(APP).get("/openapi.json")
+def test_document_is_served_without_a_key(web: InProcessWeb) -> None:
+    reply = web.app.get("/openapi.json")
     assert reply.content_type == "application/json"
     assert reply.json == DOCUMENT
     assert DOCUMENT["openapi"].startswith("3.1")
 
 
-def test_document_and_routes_match() -> None:
+def test_document_and_routes_match(web: InProcessWeb) -> None:
     documented = {(method, path) for path, item in DOCUMENT["paths"].items() for method in item}
-    assert documented == bottle_routes(APP)
+    assert documented == bottle_routes(web.app.app)
 
 
-schema = schemathesis.openapi.from_wsgi("/openapi.json", APP)
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+schema.app = APP
 schema.config.generation.update(
     modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
     max_examples=60,
@@ -63,5 +81,4 @@ schema.config.checks.positive_data_acceptance = PositiveDataAcceptanceConfig(
 
 @schema.parametrize()
 def test_api_conforms(case: schemathesis.Case[Any]) -> None:
-    headers = {"X-API-Key": API_KEY}
-    case.call_and_validate(headers=headers)
+    case.call_and_validate(headers={"X-API-Key": API_KEY})

@@ -12,10 +12,15 @@ import gevent.event
 import pytest
 
 from conftest import body, wait_until
-from sqlite_storage import open_storage
-from storage import Job, JobQueue, Status, StatusStore
-from upstream import Outcome
-from worker import Worker, WorkerSettings, status_entry
+from llm_proxy.domain.job import Job
+from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.services.finalize import Finalizer
+from llm_proxy.storage.factory import open_backend
+from llm_proxy.upstream.outcome import Outcome
+from llm_proxy.worker.dispatcher import Dispatcher, DispatchSettings
+from llm_proxy.worker.retry import RetryPolicy
+from llm_proxy.worker.runner import JobRunner, entry_for
+from support.web import claim_one
 
 OK = Outcome(response_json='{"object": "chat.completion", "choices": []}')
 
@@ -58,27 +63,56 @@ class ScriptedUpstream:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, poll_interval: float = 1.0, **settings: Any) -> None:
-        self.queue: JobQueue
-        self.statuses: StatusStore
-        self.queue, self.statuses = open_storage(tmp_path / "data")
+    """A worker as ``llm_proxy.worker.process`` wires it, on the embedded back end, with a
+    scripted upstream and recorded backoff sleeps."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        poll_interval: float = 1.0,
+        max_concurrent: int = 2,
+        max_retries: int = 3,
+        result_ttl: float = 60,
+        shutdown_timeout: float = 1,
+        lease_seconds: float = 60,
+        signals: bool = False,
+    ) -> None:
+        self.backend = open_backend(data_dir=tmp_path / "data")
+        assert self.backend.consumer_admitted()
+        self.queue = self.backend.queue
+        self.statuses = self.backend.statuses
         self.upstream = ScriptedUpstream()
         self.sleeps: list[float] = []
-        defaults = dict(
-            max_concurrent=2,
-            max_retries=3,
-            result_ttl=60,
-            shutdown_timeout=1,
-            retry_base_delay=0.5,
-            retry_max_delay=8,
+        self.sleep: Callable[[float], Any] = self.sleeps.append
+        self.stopping = gevent.event.Event()
+        worker_signals = self.backend.worker_signals() if signals else None
+        self.finalizer = Finalizer(
+            queue=self.queue,
+            statuses=self.statuses,
+            outbox=self.backend.outbox,
+            result_ttl=result_ttl,
+            announce=lambda request_id: None,
         )
-        self.worker = Worker(
+        self.runner = JobRunner(
             queue=self.queue,
             statuses=self.statuses,
             upstream=self.upstream,
-            settings=WorkerSettings(**{**defaults, **settings}),
-            sleep=self.sleeps.append,
-            poll_interval=poll_interval,
+            finalizer=self.finalizer,
+            policy=RetryPolicy(max_retries=max_retries, base_delay=0.5, max_delay=8),
+            stopping=self.stopping,
+            sleep=lambda seconds: self.sleep(seconds),
+        )
+        self.worker = Dispatcher(
+            queue=self.queue,
+            statuses=self.statuses,
+            limit=self.backend.concurrency_limit(max_concurrent),
+            runner=self.runner,
+            settings=DispatchSettings(
+                shutdown_timeout=shutdown_timeout, poll_interval=poll_interval, lease_seconds=lease_seconds
+            ),
+            stopping=self.stopping,
+            signals=worker_signals,
+            previous_holders_gone=self.backend.previous_holders_gone,
         )
         self.greenlet: gevent.Greenlet[..., None] | None = None
 
@@ -90,32 +124,47 @@ class Rig:
     def start(self) -> None:
         self.greenlet = gevent.spawn(self.worker.run)
 
-    def final(self, rid: str) -> dict[str, Any]:
-        def done() -> dict[str, Any] | None:
+    def final(self, rid: str) -> StatusEntry:
+        def done() -> StatusEntry | None:
             entry = self.statuses.get(rid)
-            return entry if entry and Status(entry["status"]).final else None
+            return entry if entry and entry.status.final else None
 
-        return dict(wait_until(done, timeout=10))
+        found: StatusEntry = wait_until(done, timeout=10)
+        return found
 
     def stop(self) -> None:
-        self.worker.stop()
-        assert self.worker.wait_stopped(10)
+        if self.greenlet is not None:
+            self.worker.stop()
+            assert self.worker.wait_stopped(10)
+            self.greenlet = None
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    yield r
-    r.stop()
+def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(**options: Any) -> Rig:
+        rigs.append(Rig(tmp_path / str(len(rigs)), **options))
+        return rigs[-1]
+
+    yield make
+    for made in rigs:
+        made.stop()
+        made.backend.close()
+
+
+@pytest.fixture
+def rig(make_rig: Callable[..., Rig]) -> Rig:
+    return make_rig()
 
 
 def test_completes_and_acks(rig: Rig) -> None:
     rig.submit("a")
     rig.start()
     entry = rig.final("a")
-    assert entry["status"] == "completed" and entry["attempts"] == 1
-    assert entry["response_json"] == OK.response_json
-    wait_until(lambda: rig.queue.in_flight() == 0 and rig.queue.waiting() == 0)
+    assert entry.status is Status.COMPLETED and entry.attempts == 1
+    assert entry.response_json == OK.response_json
+    wait_until(lambda: rig.queue.counts().in_flight == 0 and rig.queue.counts().waiting == 0)
 
 
 def test_retries_with_backoff_then_completes(rig: Rig) -> None:
@@ -123,7 +172,7 @@ def test_retries_with_backoff_then_completes(rig: Rig) -> None:
     rig.submit("a")
     rig.start()
     entry = rig.final("a")
-    assert entry["status"] == "completed" and entry["attempts"] == 3
+    assert entry.status is Status.COMPLETED and entry.attempts == 3
     assert rig.upstream.calls == ["a", "a", "a"]
     assert 0.375 <= rig.sleeps[0] <= 0.5 and rig.sleeps[1] == 2.5
 
@@ -133,8 +182,8 @@ def test_gives_up_after_max_retries(rig: Rig) -> None:
     rig.submit("a")
     rig.start()
     entry = rig.final("a")
-    assert entry["status"] == "error"
-    assert entry["error"] == {"message": "boom", "type": "upstream_error", "attempts": 4}
+    assert entry.status is Status.ERROR
+    assert entry.error == {"message": "boom", "type": "upstream_error", "attempts": 4}
     assert len(rig.upstream.calls) == 4
 
 
@@ -142,7 +191,7 @@ def test_permanent_failure_is_not_retried(rig: Rig) -> None:
     rig.upstream.scripts["a"] = [fail(retryable=False)]
     rig.submit("a")
     rig.start()
-    assert rig.final("a")["error"]["attempts"] == 1
+    assert rig.final("a").attempts_made == 1
     assert rig.upstream.calls == ["a"]
 
 
@@ -153,27 +202,27 @@ def test_never_more_than_max_concurrent_and_every_slot_busy(rig: Rig) -> None:
     rig.start()
     wait_until(lambda: rig.upstream.inflight == 2)
     gevent.sleep(0.1)
-    assert rig.upstream.inflight == 2 and rig.queue.waiting() == 4 and rig.queue.in_flight() == 2
+    assert rig.upstream.inflight == 2 and rig.queue.counts() == (4, 2)
     rig.upstream.gate.set()
     for i in range(6):
-        assert rig.final(f"r{i}")["status"] == "completed"
+        assert rig.final(f"r{i}").status is Status.COMPLETED
     assert rig.upstream.peak == 2
 
 
-def test_a_request_in_backoff_keeps_its_slot(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, max_concurrent=1)
+def test_a_request_in_backoff_keeps_its_slot(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(max_concurrent=1)
     held = gevent.event.Event()
-    rig.worker._sleep = lambda seconds: held.wait()
+    rig.sleep = lambda seconds: held.wait()
     rig.upstream.scripts["a"] = [fail(), OK]
     rig.submit("a")
     rig.submit("b")
     rig.start()
     wait_until(lambda: rig.upstream.calls == ["a"])
     gevent.sleep(0.1)
-    assert rig.statuses.get("a")["status"] == "processing"  # type: ignore[index]
-    assert rig.queue.in_flight() == 1 and rig.upstream.calls == ["a"]
+    assert rig.statuses.get("a").status is Status.PROCESSING  # type: ignore[union-attr]
+    assert rig.queue.counts().in_flight == 1 and rig.upstream.calls == ["a"]
     held.set()
-    assert rig.final("b")["status"] == "completed"
+    assert rig.final("b").status is Status.COMPLETED
     assert rig.upstream.calls == ["a", "a", "b"]
     rig.stop()
 
@@ -181,46 +230,46 @@ def test_a_request_in_backoff_keeps_its_slot(tmp_path: Path) -> None:
 def test_redelivered_job_with_a_final_status_is_only_acked(rig: Rig) -> None:
     job = rig.submit("a")
     # An earlier worker claimed it and stored its result, then died before the ack.
-    assert rig.queue.claim() is not None
-    rig.statuses.put("a", status_entry(job, Status.COMPLETED, response_json='{"x": 1}', attempts=1), ttl=60)
+    assert claim_one(rig.queue) is not None
+    rig.statuses.put("a", entry_for(job, Status.COMPLETED, response_json='{"x": 1}', attempts=1), ttl=60)
     rig.start()
-    wait_until(lambda: rig.queue.waiting() == 0 and rig.queue.in_flight() == 0)
+    wait_until(lambda: rig.queue.counts().waiting == 0 and rig.queue.counts().in_flight == 0)
     assert rig.upstream.calls == []
-    assert rig.statuses.get("a")["response_json"] == '{"x": 1}'  # type: ignore[index]
+    assert rig.statuses.get("a").response_json == '{"x": 1}'  # type: ignore[union-attr]
 
 
 def test_a_request_that_keeps_crashing_the_worker_ends_as_error(rig: Rig) -> None:
     job = rig.submit("a")
     # Four earlier workers died during its calls.
-    assert rig.queue.claim() is not None
-    rig.statuses.put("a", status_entry(job, Status.PROCESSING, attempts=4))
+    assert claim_one(rig.queue) is not None
+    rig.statuses.put("a", entry_for(job, Status.PROCESSING, attempts=4))
     rig.start()
     entry = rig.final("a")
-    assert entry["error"]["type"] == "interrupted" and entry["error"]["attempts"] == 4
+    assert entry.error is not None and entry.error["type"] == "interrupted" and entry.error["attempts"] == 4
     assert rig.upstream.calls == []
 
 
 def test_orphaned_claims_are_recovered_at_start(rig: Rig) -> None:
     rig.submit("a")
-    assert rig.queue.claim() is not None  # a previous worker died holding it
+    assert claim_one(rig.queue) is not None  # a previous worker died holding it
     rig.start()
-    assert rig.final("a")["status"] == "completed"
+    assert rig.final("a").status is Status.COMPLETED
 
 
-def test_graceful_stop_puts_unfinished_work_back_without_counting_it(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, shutdown_timeout=0.2)
+def test_graceful_stop_puts_unfinished_work_back_without_counting_it(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(shutdown_timeout=0.2)
     rig.upstream.gate.clear()
     rig.submit("a")
     rig.start()
     wait_until(lambda: rig.upstream.inflight == 1)
     rig.stop()
     entry = rig.statuses.get("a")
-    assert entry is not None and entry["status"] == "pending" and entry["attempts"] == 0
-    assert rig.queue.waiting() == 1 and rig.queue.in_flight() == 0
+    assert entry is not None and entry.status is Status.PENDING and entry.attempts == 0
+    assert rig.queue.counts().waiting == 1 and rig.queue.counts().in_flight == 0
 
 
-def test_final_statuses_expire_after_result_ttl(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, result_ttl=0.3)
+def test_final_statuses_expire_after_result_ttl(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(result_ttl=0.3)
     rig.submit("a")
     rig.start()
     rig.final("a")
@@ -228,23 +277,15 @@ def test_final_statuses_expire_after_result_ttl(tmp_path: Path) -> None:
     rig.stop()
 
 
-def test_wakeup_dispatches_without_waiting_for_the_poll(tmp_path: Path) -> None:
-    from wakeup import WakeupListener, WakeupSender
-
-    data = tmp_path / "data"
-    # With a 60 s poll, only the nudge can dispatch within the test's 10 s deadline.
-    rig = Rig(tmp_path, poll_interval=60)
-    listener = WakeupListener(data)
-    assert listener.available
-    rig.worker._waker = listener
+def test_wakeup_dispatches_without_waiting_for_the_poll(make_rig: Callable[..., Rig]) -> None:
+    # With a 60 s poll, only the back end's signal can dispatch within the test's 10 s deadline.
+    rig = make_rig(poll_interval=60, signals=True)
+    web = rig.backend.web_signals()
     rig.start()
     gevent.sleep(0.1)
-    sender = WakeupSender(data)
     for i in range(1, 6):
         rig.submit(f"w{i}")
-        sender.notify()
+        web.work_queued()
         wait_until(functools.partial(lambda n: len(rig.upstream.calls) == n, i), timeout=10, interval=0.005)
         gevent.sleep(0.05)
     rig.stop()
-    listener.close()
-    sender.close()

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_proxy.api.validation import BodyError, parse_chat_completion, parse_json_object, validate_chat_completion
+from llm_proxy.api.validation import (
+    BodyError,
+    parse_chat_completion,
+    parse_json_object,
+    validate_chat_completion,
+)
 
 VALID: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 

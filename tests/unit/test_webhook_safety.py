@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from llm_proxy.webhooks.safety import WebhookRefused, address_problem, check_destination, check_url_literal
 from llm_proxy.webhooks.delivery import SCHEDULE, retry_delay
+from llm_proxy.webhooks.safety import WebhookRefused, address_problem, check_destination, check_url_literal
 from llm_proxy.webhooks.sender import WebhookSender
 
 REFUSED = {

@@ -1,0 +1,400 @@
+"""The storage seam's contract: every method of every interface in ``llm_proxy.storage.base``,
+run against each back end. A new back end is one more entry in ``BACKENDS``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gevent
+import gevent.event
+import pytest
+
+from llm_proxy.domain.job import Job
+from llm_proxy.domain.status import Status, StatusEntry, WebhookProgress, WebhookState
+from llm_proxy.storage.base import (
+    Backend,
+    CancelResult,
+    Claim,
+    Delivery,
+    IdempotencyConflict,
+    JobQueue,
+    Submitted,
+)
+from llm_proxy.storage.factory import open_backend
+from support.harness import wait_until
+
+
+def embedded(tmp_path: Path) -> Backend:
+    return open_backend(data_dir=tmp_path / "data")
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"embedded": embedded}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    opened = BACKENDS[request.param](tmp_path)
+    yield opened
+    opened.close()
+
+
+def job(n: int, owner: str = "o") -> Job:
+    return Job(request_id=f"chatreq_{n:020d}", body={"model": "m", "n": n}, owner=owner)
+
+
+def claim(queue: JobQueue, limit: int = 1, holder: str = "w1", lease: float = 60.0) -> list[Claim]:
+    return queue.claim_many(limit, holder=holder, lease_seconds=lease)
+
+
+def place(queue: JobQueue, n: int) -> int | None:
+    found = queue.find(job(n).request_id)
+    return found.position if found else None
+
+
+def entry(status: Status = Status.PROCESSING, **fields: object) -> StatusEntry:
+    return StatusEntry(status=status, request_json='{"n": 1}', owner="o", timestamp=1, **fields)  # type: ignore[arg-type]
+
+
+# -- JobQueue --------------------------------------------------------------------------------------
+
+
+def test_fifo_claim_and_ack(backend: Backend) -> None:
+    queue = backend.queue
+    tickets = [queue.put(job(i)) for i in range(3)]
+    assert queue.counts() == (3, 0)
+    [first] = claim(queue)
+    assert first.job == job(0) and first.ticket == tickets[0] and first.fresh
+    assert first.lease.holder == "w1" and first.lease.expires_at > time.time() + 50
+    assert queue.counts() == (2, 1)
+    assert queue.ack(first)
+    assert queue.counts() == (2, 0)
+    [second] = claim(queue)
+    assert second.job == job(1)
+
+
+def test_claim_many_takes_the_oldest_in_one_step(backend: Backend) -> None:
+    queue = backend.queue
+    for i in range(5):
+        queue.put(job(i))
+    claims = claim(queue, limit=3)
+    assert [c.job for c in claims] == [job(0), job(1), job(2)]
+    assert len({c.lease.token for c in claims} | {0}) >= 2
+    assert queue.counts() == (2, 3)
+    started = time.monotonic()
+    assert len(claim(queue, limit=10)) == 2
+    assert claim(queue) == []
+    assert time.monotonic() - started < 1.0  # never blocks
+
+
+def test_concurrent_puts_all_land_in_order(backend: Backend) -> None:
+    queue = backend.queue
+    greenlets = [gevent.spawn(queue.put, job(i)) for i in range(50)]
+    gevent.joinall(greenlets, raise_error=True)
+    assert len({g.value for g in greenlets}) == 50 and queue.counts().waiting == 50
+    claimed = claim(queue, limit=50)
+    assert [c.job.request_id for c in claimed] == [job(i).request_id for i in range(50)]
+
+
+def test_find_reports_the_job_and_its_place_until_finished(backend: Backend) -> None:
+    queue = backend.queue
+    sent = Job(request_id="chatreq_found0000000000000", owner="o", submitted_at=1234, body={"x": "é🙂"})
+    ticket = queue.put(sent)
+    for i in range(3):
+        queue.put(job(i))
+    found = queue.find(sent.request_id)
+    assert found is not None
+    assert (found.ticket, found.owner, found.submitted_at) == (ticket, "o", 1234)
+    assert json.loads(found.body_json) == sent.body
+    assert found.fresh and not found.in_flight and found.position == 1
+    assert [place(queue, i) for i in range(3)] == [2, 3, 4]
+    [taken] = claim(queue)
+    in_flight = queue.find(sent.request_id)
+    assert in_flight is not None and in_flight.in_flight and in_flight.position is None
+    assert [place(queue, i) for i in range(3)] == [1, 2, 3]
+    queue.ack(taken)
+    assert queue.find(sent.request_id) is None and queue.find("chatreq_unknown") is None
+
+
+def test_positions_and_counts_stay_exact_through_every_transition(backend: Backend) -> None:
+    queue = backend.queue
+    for i in range(12):
+        queue.put(job(i))
+    claims = claim(queue, limit=4)
+    assert queue.ack(claims[0]) and queue.release(claims[2])
+    waiting_ids = [2, *range(4, 12)]
+    assert queue.counts() == (len(waiting_ids), 2)
+    assert [place(queue, i) for i in waiting_ids] == list(range(1, len(waiting_ids) + 1))
+    released = queue.find(job(2).request_id)
+    assert released is not None and not released.fresh
+    queue.compact()
+    assert queue.counts() == (len(waiting_ids), 2)
+
+
+def test_release_puts_a_job_back_at_its_place(backend: Backend) -> None:
+    queue = backend.queue
+    for i in range(3):
+        queue.put(job(i))
+    [taken] = claim(queue)
+    assert queue.release(taken)
+    [again] = claim(queue)
+    assert again.job == job(0) and not again.fresh
+    assert again.lease.token != taken.lease.token
+
+
+def test_a_stale_lease_changes_nothing(backend: Backend) -> None:
+    queue = backend.queue
+    queue.put(job(0))
+    [old] = claim(queue, holder="w1", lease=0.05)
+    time.sleep(0.1)
+    assert queue.requeue_lapsed(time.time()) == 1
+    [new] = claim(queue, holder="w2")
+    assert new.job == job(0) and new.lease.token != old.lease.token
+    assert not queue.holds(old) and queue.holds(new)
+    # The worker that lost its lease can neither finish nor hand back the new holder's job.
+    assert not queue.ack(old)
+    assert not queue.release(old)
+    assert queue.counts() == (0, 1)
+    assert queue.ack(new)
+    assert not queue.holds(new)
+    assert queue.counts() == (0, 0)
+
+
+def test_renew_extends_only_the_holders_live_leases(backend: Backend) -> None:
+    queue = backend.queue
+    for i in range(3):
+        queue.put(job(i))
+    mine = claim(queue, limit=2, holder="w1", lease=0.2)
+    [theirs] = claim(queue, holder="w2", lease=0.2)
+    queue.ack(mine[1])
+    assert queue.renew("w1", 60) == {mine[0].ticket}
+    time.sleep(0.3)
+    # Only w2's lease lapsed: w1 renewed in time.
+    assert queue.requeue_lapsed(time.time()) == 1
+    assert queue.holds(mine[0]) and not queue.holds(theirs)
+    assert queue.renew("w2", 60) == set()
+    assert queue.counts() == (1, 1)
+
+
+def test_requeue_lapsed_spares_live_leases_unless_told_every_holder_is_gone(backend: Backend) -> None:
+    queue = backend.queue
+    queue.put(job(0))
+    queue.put(job(1))
+    claim(queue, limit=2)
+    assert queue.requeue_lapsed(time.time()) == 0
+    assert queue.counts() == (0, 2)
+    assert queue.requeue_lapsed(math.inf) == 2
+    assert queue.counts() == (2, 0)
+    assert [c.job for c in claim(queue, limit=2)] == [job(0), job(1)]
+
+
+def test_cancel_withdraws_a_waiting_job_and_flags_a_claimed_one(backend: Backend) -> None:
+    queue = backend.queue
+    queue.put(job(0))
+    queue.put(job(1))
+    [running] = claim(queue)
+    assert queue.cancel(job(1).request_id) is CancelResult.WITHDRAWN
+    assert queue.find(job(1).request_id) is None and queue.counts() == (0, 1)
+    assert claim(queue) == []  # never handed out
+    assert not queue.cancel_requested(job(0).request_id)
+    assert queue.cancel(job(0).request_id) is CancelResult.SIGNALLED
+    assert queue.cancel_requested(job(0).request_id)
+    assert queue.cancel("chatreq_unknown000000000") is CancelResult.ABSENT
+    # A cancelled job claimed again (after its worker died) says so.
+    queue.requeue_lapsed(math.inf)
+    [again] = claim(queue)
+    assert again.job == running.job and again.cancel_requested
+    queue.ack(again)
+    assert queue.cancel(job(0).request_id) is CancelResult.ABSENT
+
+
+def test_put_once_stands_for_the_first_request(backend: Backend) -> None:
+    queue = backend.queue
+    first = Job(request_id="chatreq_first000000000000", body={"a": 1, "b": [1, 2]}, owner="o")
+    again = Job(request_id="chatreq_again000000000000", body={"b": [1, 2], "a": 1}, owner="o")
+    assert queue.put_once(first, "k1") == Submitted(first.request_id, replayed=False)
+    assert queue.put_once(again, "k1") == Submitted(first.request_id, replayed=True)
+    assert queue.counts().waiting == 1
+    other_owner = Job(request_id="chatreq_other000000000000", body={"a": 1, "b": [1, 2]}, owner="p")
+    assert queue.put_once(other_owner, "k1") == Submitted(other_owner.request_id, replayed=False)
+    with pytest.raises(IdempotencyConflict) as conflict:
+        queue.put_once(job(9), "k1")
+    assert conflict.value.request_id == first.request_id
+    assert queue.counts().waiting == 2
+
+
+def test_racing_submits_with_one_key_queue_once(backend: Backend) -> None:
+    queue = backend.queue
+    copies = [Job(request_id=f"chatreq_race{i:016d}", body={"same": True}, owner="o") for i in range(20)]
+    greenlets = [gevent.spawn(queue.put_once, j, "race") for j in copies]
+    gevent.joinall(greenlets, raise_error=True)
+    assert {g.value.request_id for g in greenlets} == {copies[0].request_id}
+    assert queue.counts().waiting == 1
+
+
+def test_compact_drops_only_finished_jobs(backend: Backend) -> None:
+    queue = backend.queue
+    for i in range(5):
+        queue.put(job(i))
+    for taken in claim(queue, limit=3):
+        queue.ack(taken)
+    assert queue.compact() == 3
+    assert queue.counts() == (2, 0)
+    assert queue.compact() == 0
+    assert [c.job for c in claim(queue, limit=5)] == [job(3), job(4)]
+
+
+def test_unicode_and_odd_values_round_trip(backend: Backend) -> None:
+    odd = Job(
+        request_id="chatreq_odd0000000000000",
+        owner="o",
+        body={"messages": [{"content": "é漢字🙂\u0000\ud800"}], "big": 10**30, "f": 1e-300},
+        relay=True,
+        submitted_at=7,
+    )
+    backend.queue.put(odd)
+    [taken] = claim(backend.queue)
+    assert taken.job == odd
+
+
+# -- StatusStore -----------------------------------------------------------------------------------
+
+
+def test_statuses_put_replaces_and_get_misses(backend: Backend) -> None:
+    store = backend.statuses
+    store.put("a", entry(Status.PROCESSING, attempts=1))
+    final = entry(Status.COMPLETED, attempts=1, response_json='{"ok": true}', webhook=WebhookProgress())
+    store.put("a", final, ttl=60)
+    assert store.get("a") == final
+    assert store.get("missing") is None
+
+
+def test_ttl_expires_entries_and_none_keeps_them(backend: Backend) -> None:
+    store = backend.statuses
+    store.put("keep", entry(Status.PENDING))
+    store.put("short", entry(Status.COMPLETED), ttl=0.2)
+    assert store.get("short") is not None
+    time.sleep(0.4)
+    assert store.get("short") is None
+    assert store.purge_expired() == 1
+    assert store.purge_expired() == 0
+    assert store.get("keep") == entry(Status.PENDING)
+
+
+def test_update_is_atomic_and_keeps_the_expiry(backend: Backend) -> None:
+    store = backend.statuses
+    assert store.update("missing", lambda e: e.replace(attempts=9)) is None
+    store.put("a", entry(Status.COMPLETED, expires_at=time.time() + 0.5), ttl=0.5)
+    progress = WebhookProgress(state=WebhookState.DELIVERED, attempts=1, last_status=200)
+
+    def deliver(current: StatusEntry) -> StatusEntry:
+        return current.replace(webhook=progress)
+
+    changed = store.update("a", deliver)
+    assert changed is not None and changed.webhook == progress and changed.status is Status.COMPLETED
+    assert store.update("a", lambda current: None) == changed  # None: left as it is
+    # Concurrent updates of different fields lose nothing.
+    greenlets = [
+        gevent.spawn(store.update, "a", lambda c, n=n: c.replace(attempts=(c.attempts or 0) + 1))
+        for n in range(20)
+    ]
+    gevent.joinall(greenlets, raise_error=True)
+    stored = store.get("a")
+    assert stored is not None and stored.attempts == 20 and stored.webhook == progress
+    wait_until(lambda: store.get("a") is None, timeout=5)
+
+
+# -- Outbox ----------------------------------------------------------------------------------------
+
+
+def delivery(n: int) -> Delivery:
+    return Delivery(request_id=f"chatreq_{n:020d}", owner="o", url=f"https://example.com/{n}", payload="{}")
+
+
+def test_outbox_owes_until_done_and_recovers_what_a_dead_sender_took(backend: Backend) -> None:
+    outbox = backend.outbox
+    for i in range(3):
+        outbox.owe(delivery(i))
+    taken = outbox.take(2)
+    assert [t.delivery for t in taken] == [delivery(0), delivery(1)]
+    assert taken[0].delivery.webhook_id == "msg_chatreq_00000000000000000000"
+    outbox.done(taken[0])
+    assert [t.delivery for t in outbox.take(10)] == [delivery(2)]
+    assert outbox.take(10) == []
+    # The sender died: what it took and did not finish is owed again.
+    assert outbox.recover() == 2
+    assert {t.delivery for t in outbox.take(10)} == {delivery(1), delivery(2)}
+    assert outbox.compact() == 1
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+
+def test_signals_reach_the_other_side(backend: Backend) -> None:
+    assert backend.consumer_admitted()
+    web = backend.web_signals()
+    worker = backend.worker_signals()
+    work = gevent.event.Event()
+    cancels: list[str] = []
+    finals: list[str] = []
+    listeners = [
+        gevent.spawn(worker.listen, work.set, cancels.append),
+        gevent.spawn(web.listen_finals, finals.append),
+    ]
+    gevent.sleep(0.05)
+    try:
+        web.work_queued()
+        assert work.wait(5)
+        web.cancel("chatreq_cancelled000000000")
+        wait_until(lambda: cancels == ["chatreq_cancelled000000000"], timeout=5)
+        for i in range(30):
+            worker.announce_final(f"chatreq_{i:020d}")
+        wait_until(lambda: len(finals) == 30, timeout=5)
+        assert finals == [f"chatreq_{i:020d}" for i in range(30)]
+        sink = web.open_relay("chatreq_streamed0000000000")
+        sender = worker.relay("chatreq_streamed0000000000")
+        sender.send(b"data: {}\n\n")
+        sender.send(b"data: [DONE]\n\n")
+        sender.close()
+        received = b""
+        while (item := sink.next(5)) is not None:
+            received += item
+        assert received == b"data: {}\n\ndata: [DONE]\n\n"
+        sink.close()
+        assert web.open_relay("chatreq_quiet000000000000").next(0.05) == b""
+    finally:
+        gevent.killall(listeners)
+        web.close()
+        worker.close()
+
+
+# -- the ceiling and the consumer ------------------------------------------------------------------
+
+
+def test_concurrency_limit_counts_held_slots(backend: Backend) -> None:
+    limit = backend.concurrency_limit(2)
+    assert limit.free(0) == 2
+    first, second = limit.hold(), limit.hold()
+    started = time.monotonic()
+    assert limit.free(0.1) == 0 and time.monotonic() - started >= 0.09
+    first.release()
+    first.release()  # given back exactly once
+    assert limit.free(0) == 1
+    limit.hold()
+    # With none free, it waits for one to be given back.
+    gevent.spawn_later(0.05, second.release)
+    assert limit.free(5) == 1
+
+
+def test_one_consumer_at_a_time(backend: Backend, tmp_path: Path) -> None:
+    assert backend.consumer_admitted()
+    assert backend.consumer_admitted()  # asking again keeps the admission
+    other = open_backend(data_dir=tmp_path / "data")
+    try:
+        # The embedded back end admits one consumer; a networked one may admit several.
+        assert other.consumer_admitted() is (not backend.previous_holders_gone)
+    finally:
+        other.close()
