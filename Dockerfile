@@ -9,7 +9,8 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY *.py Procfile openapi.json ./
+COPY app.py worker.py config.py Procfile ./
+COPY llm_proxy ./llm_proxy
 
 # The queue and statuses live on a volume so they survive a container replacement.
 RUN useradd --system --uid 10001 --home-dir /app proxy \

@@ -88,8 +88,9 @@ def completion_as_events(completion: dict[str, Any]) -> bytes:
     events = []
     for choice in completion.get("choices") or []:
         delta = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
-        for position, call in enumerate(delta.get("tool_calls") or []):
-            call["index"] = position
+        if delta.get("tool_calls"):
+            # Copies: the stored completion stays as it was.
+            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(delta["tool_calls"])]
         events.append(
             {
                 **head,

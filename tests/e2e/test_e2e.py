@@ -35,7 +35,8 @@ def test_request_completes_and_upstream_sees_only_its_own_key(
     accepted = reply.json()
     assert accepted["status"] == "pending"
     assert len(accepted["request_id"]) >= 22
-    assert accepted["queue_position"] >= 0 and accepted["active_requests"] >= 0
+    # The only request of an idle service: first in line, or already taken by the worker.
+    assert (accepted["queue_position"], accepted["active_requests"]) in ((1, 0), (0, 0), (0, 1))
 
     final = service.wait_final(accepted["request_id"])
     assert final["status"] == "completed"

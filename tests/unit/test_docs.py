@@ -30,5 +30,13 @@ def test_every_configuration_variable_is_documented_and_in_the_example() -> None
 
 def test_docker_image_gets_every_file_the_service_reads() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "openapi.json" in dockerfile and "*.py" in dockerfile
+    copied: set[str] = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            copied.update(line.split()[1:-1])
+    # The entry points and config.py, and the whole package (its openapi.json included).
+    assert {p.name for p in ROOT.glob("*.py")} <= copied
+    assert "llm_proxy" in copied and (ROOT / "llm_proxy" / "api" / "openapi.json").exists()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "llm_proxy" not in ignored and not any(p.endswith(".json") for p in ignored)
     assert 'CMD ["python", "app.py"]' in dockerfile
