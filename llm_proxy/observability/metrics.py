@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llm_proxy.domain.status import Status
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,8 +52,9 @@ class Metrics:
             "llm_proxy_webhook_deliveries_total", "Webhook deliveries that ended, by state.", ["state"]
         )
         # Known label values start at 0, so a scraper sees every series before its first event.
-        for status in ("completed", "error", "cancelled"):
-            self.requests.labels(status=status)
+        for status in Status:
+            if status.final:
+                self.requests.labels(status=status.value)
         for outcome in ("success", "upstream_error", "rate_limited", "timeout", "network_error"):
             self.upstream_attempts.labels(outcome=outcome)
         for state in ("delivered", "failed"):

@@ -142,3 +142,18 @@ def test_logs_hold_no_keys_and_no_message_contents(make_service: MakeService, re
     ]:
         assert secret not in log
     assert rid in log  # the log is not simply empty
+
+
+def test_a_data_dir_in_another_layout_is_refused_with_a_message(make_service: MakeService) -> None:
+    service = make_service(start=False)
+    (service.data_dir / "queue").mkdir(parents=True)
+    with sqlite3.connect(service.data_dir / "queue" / "data.db") as db:
+        db.execute("CREATE TABLE ack_queue_jobs (_id INTEGER PRIMARY KEY, payload BLOB, state TEXT)")
+    process = service.start(wait=False)
+    assert process.wait(timeout=30) == 1
+    worker = service.start("worker")
+    assert worker.wait(timeout=30) == 1
+    log = service.log()
+    assert log.count("the embedded back end cannot run safely") == 2
+    assert "ack_queue_jobs" in log and "requirements.txt" in log
+    assert "Traceback" not in log

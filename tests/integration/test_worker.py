@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,28 @@ def test_orphaned_claims_are_recovered_at_start(rig: Rig) -> None:
     assert claim_one(rig.queue) is not None  # a previous worker died holding it
     rig.start()
     assert rig.final("a").status is Status.COMPLETED
+
+
+def test_a_job_whose_lease_another_worker_took_is_dropped_without_a_write(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(lease_seconds=0.3)
+    rig.upstream.gate.clear()
+    rig.submit("a")
+    rig.start()
+    wait_until(lambda: rig.upstream.inflight == 1)
+    # This worker is taken for dead (say it was cut off): its job goes to another worker.
+    assert rig.queue.requeue_lapsed(math.inf) == 1
+    taken = claim_one(rig.queue, holder="other-worker")
+    assert taken is not None and taken.job.request_id == "a"
+    # At its next renewal the first worker finds the lease gone and aborts its call.
+    wait_until(lambda: rig.upstream.inflight == 0, timeout=5)
+    rig.upstream.gate.set()
+    gevent.sleep(0.3)
+    entry = rig.statuses.get("a")
+    assert entry is not None and entry.status is Status.PROCESSING and entry.attempts == 1
+    assert rig.queue.holds(taken) and rig.queue.counts() == (0, 1)
+    assert rig.upstream.calls == ["a"]
 
 
 def test_graceful_stop_puts_unfinished_work_back_without_counting_it(make_rig: Callable[..., Rig]) -> None:

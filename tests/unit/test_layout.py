@@ -13,8 +13,8 @@ PACKAGE = ROOT / "llm_proxy"
 # Lower ranks are lower layers. A module may import its own sub-package and lower ranks only.
 RANKS = {
     "domain": 0,
-    "observability": 0,
     "processes": 0,
+    "observability": 1,
     "storage": 1,
     "services": 2,
     "upstream": 3,
