@@ -82,7 +82,6 @@ def test_claim_many_takes_the_oldest_in_one_step(backend: Backend) -> None:
         queue.put(job(i))
     claims = claim(queue, limit=3)
     assert [c.job for c in claims] == [job(0), job(1), job(2)]
-    assert len({c.lease.token for c in claims} | {0}) >= 2
     assert queue.counts() == (2, 3)
     started = time.monotonic()
     assert len(claim(queue, limit=10)) == 2
