@@ -177,11 +177,13 @@ def create_app(
         job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms(), relay=streamed)
         # Opened before the job is queued, so no relayed event can arrive before it.
         sink = signals.open_relay(job.request_id) if streamed and signals is not None else None
+        streaming = False
         try:
             accepted = service.submit(job, key)
+            reply = answer_submit(accepted, wait, sink)
+            streaming = sink is not None and not accepted.replayed
+            return reply
         except QueueFull as exc:
-            if sink is not None:
-                sink.close()
             return error_response(
                 429,
                 f"The queue is full ({exc.limit} requests waiting); retry later.",
@@ -189,8 +191,6 @@ def create_app(
                 headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
             )
         except IdempotencyConflict as exc:
-            if sink is not None:
-                sink.close()
             return error_response(
                 422,
                 "This Idempotency-Key was already used with a different request body.",
@@ -198,10 +198,11 @@ def create_app(
                 request_id=exc.request_id,
             )
         except StorageUnavailable as exc:
-            if sink is not None:
-                sink.close()
             return unavailable(exc)
-        return answer_submit(accepted, wait, sink)
+        finally:
+            # Unless an event stream now owns the sink (it closes it when it ends).
+            if sink is not None and not streaming:
+                sink.close()
 
     def answer_submit(accepted: Accepted, wait: float, sink: Any) -> HTTPResponse:
         request_id = accepted.request_id
@@ -218,8 +219,6 @@ def create_app(
                 keepalive=settings.stream_keepalive,
                 wait_max=settings.sync_wait_max,
             )
-        if sink is not None:
-            sink.close()
         found = service.await_final(request_id, wait) if wait else None
         if found is not None and found.entry.status.final:
             if sink is not None and found.entry.status is Status.COMPLETED:

@@ -1,1 +1,2 @@
-"""Steps both processes take on a request, written once against the storage interfaces."""
+"""Steps written once against the storage interfaces: finishing a request (both processes) and
+draining work in batches (the worker's jobs and webhooks)."""

@@ -138,8 +138,9 @@ class JobQueue(ABC):
         of ``holder`` (in one step: one commit for all)."""
 
     @abstractmethod
-    def renew(self, holder: str, lease_seconds: float) -> set[int]:
-        """Extend every lease ``holder`` still has; return the tickets it still holds."""
+    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+        """Extend the leases of these claims that are still current; return their (ticket, token)
+        pairs. A claim missing from the answer is lost: its job may be another worker's now."""
 
     @abstractmethod
     def holds(self, claim: Claim) -> bool:
@@ -336,7 +337,11 @@ class Slot(ABC):
 
 
 class ConcurrencyLimit(ABC):
-    """``MAX_CONCURRENT`` upstream calls in flight at most, across every worker of the back end."""
+    """``MAX_CONCURRENT`` upstream calls in flight at most, across every worker of the back end.
+
+    ``free`` and ``hold`` are this worker's own bound; a back end with several workers also counts
+    the ceiling inside ``JobQueue.claim_many``, in the claiming transaction, so that two workers can
+    never both take the last slot."""
 
     @abstractmethod
     def free(self, timeout: float) -> int:
@@ -367,6 +372,22 @@ class Backend(ABC):
 
     @abstractmethod
     def concurrency_limit(self, max_concurrent: int) -> ConcurrencyLimit: ...
+
+    @abstractmethod
+    def finish(
+        self,
+        request_id: str,
+        entry: StatusEntry,
+        *,
+        ttl: float,
+        delivery: Delivery | None = None,
+        claim: Claim | None = None,
+    ) -> bool:
+        """End a request: store its final ``entry`` for ``ttl`` seconds, owe its webhook
+        ``delivery``, and ack its ``claim`` (none when the web cancelled a waiting job), committed
+        together where the back end can, else in that order (a crash in between leaves the claim to
+        lapse, and the job's next holder completes what is missing). With a claim whose lease is no
+        longer current nothing changes and False is returned."""
 
     @abstractmethod
     def consumer_admitted(self) -> bool:

@@ -59,14 +59,7 @@ def build_web(config: Config) -> Web:
         waiters.wake(request_id)
         signals.announce_final(request_id)
 
-    finalizer = Finalizer(
-        queue=backend.queue,
-        statuses=backend.statuses,
-        outbox=backend.outbox,
-        result_ttl=config.result_ttl,
-        announce=announce,
-        metrics=Metrics(),
-    )
+    finalizer = Finalizer(backend=backend, result_ttl=config.result_ttl, announce=announce, metrics=Metrics())
     service = RequestService(
         queue=backend.queue,
         statuses=backend.statuses,

@@ -23,7 +23,7 @@ import gevent.pool
 from llm_proxy.domain.status import StatusEntry, WebhookProgress, WebhookState
 from llm_proxy.observability.metrics import Metrics
 from llm_proxy.services.draining import next_batch
-from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery, StatusStore, StorageUnavailable
+from llm_proxy.storage.base import Outbox, OwedDelivery, StatusStore, StorageUnavailable
 from llm_proxy.webhooks.sender import Attempt
 
 log = logging.getLogger("llm_proxy.webhooks")
@@ -95,10 +95,8 @@ class WebhookDeliverer:
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
 
-    def owe(self, delivery: Delivery) -> None:
-        """Owe a delivery durably (raises StorageUnavailable if it could not be recorded) and wake
-        the sending loop."""
-        self._outbox.owe(delivery)
+    def nudge(self) -> None:
+        """A delivery was just owed: look at the outbox now rather than at the next poll."""
         self._nudged.set()
 
     def stop(self) -> None:

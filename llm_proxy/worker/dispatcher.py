@@ -113,7 +113,7 @@ class Dispatcher:
     def cancel(self, request_id: str) -> None:
         """Abort the job's upstream call (or its backoff) if it is running here."""
         running = self._running.get(request_id)
-        if running is not None:
+        if running is not None and self._runner.cancel(request_id):
             running[0].kill(Cancelled, block=False)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -159,16 +159,18 @@ class Dispatcher:
             log.warning("background clean-up failed, will retry: %s", exc)
 
     def _keep_leases(self) -> None:
-        """Renew every third of a lease. Jobs whose lease is no longer ours stop at once; when
-        renewing fails until a lease is about to lapse, every job stops, so that a worker cut off
-        from its store never goes on calling the upstream for jobs another worker may take."""
+        """Renew the running jobs' leases every third of a lease, and make lapsed ones (of workers
+        that are gone) wait again. A job whose lease is no longer its own stops at once; when
+        renewing fails until the leases are about to lapse, every job stops, so that a worker cut
+        off from its store never goes on calling the upstream for jobs another worker may take.
+        Stopped jobs' leases then lapse and the jobs wait again."""
         period = self._settings.lease_seconds / 3
         renewed_at = time.monotonic()
         while not self._stopped.wait(period):
             # Only jobs claimed before the renewal can be judged by its answer.
             running = list(self._running.values())
             try:
-                held = self._queue.renew(self._holder, self._settings.lease_seconds)
+                held = self._queue.renew([claim for _, claim in running], self._settings.lease_seconds)
                 renewed_at = time.monotonic()
                 self._queue.requeue_lapsed(time.time())
             except StorageUnavailable as exc:
@@ -177,7 +179,7 @@ class Dispatcher:
                     continue
                 held = set()
             for greenlet, claim in running:
-                if claim.ticket not in held:
+                if (claim.ticket, claim.lease.token) not in held:
                     greenlet.kill(LeaseLost, block=False)
 
     def _drain(self) -> None:

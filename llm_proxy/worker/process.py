@@ -82,11 +82,10 @@ def _serve(config: Config, backend: Backend) -> int:
         metrics=metrics,
     )
     finalizer = Finalizer(
-        queue=backend.queue,
-        statuses=backend.statuses,
-        outbox=deliverer,
+        backend=backend,
         result_ttl=config.result_ttl,
         announce=signals.announce_final,
+        on_owed=deliverer.nudge,
         metrics=metrics,
     )
     runner = JobRunner(

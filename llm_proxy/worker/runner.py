@@ -6,9 +6,10 @@ the upstream, writes statuses and hands the end to the ``Finalizer``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import gevent
@@ -73,6 +74,17 @@ class JobRunner:
         self._relay = relay
         self._metrics = metrics
         self._sleep = sleep
+        # Requests whose greenlet may be killed by a cancel right now (calling the upstream or
+        # waiting to retry), and cancels that arrived when it could not be.
+        self._interruptible: set[str] = set()
+        self._cancels: set[str] = set()
+
+    def cancel(self, request_id: str) -> bool:
+        """Record a cancel for a job running here. True when its greenlet may be killed with
+        ``Cancelled`` now; otherwise the job stops at its next call or retry, or ends as it was
+        about to (a result being stored is not thrown away)."""
+        self._cancels.add(request_id)
+        return request_id in self._interruptible
 
     def run(self, claim: Claim, slot: Slot) -> None:
         """Run the job to its end (or put it back); the slot is given back as soon as the last
@@ -108,6 +120,8 @@ class JobRunner:
             )
         finally:
             slot.release()
+            self._cancels.discard(job.request_id)
+            self._interruptible.discard(job.request_id)
 
     def _process(self, claim: Claim, slot: Slot) -> None:
         job = claim.job
@@ -121,12 +135,15 @@ class JobRunner:
         attempts = entry.attempts_made if entry else 0
         ended = exhausted_by_crashes(attempts, self._policy)
         while ended is None:
+            if job.request_id in self._cancels:
+                raise Cancelled
             attempts += 1
             # Stored before the call, so a crash during it counts as an attempt.
             self._statuses.put(job.request_id, entry_for(job, Status.PROCESSING, attempts=attempts))
             started = time.monotonic()
             try:
-                outcome = self._call(job)
+                with self._cancellable(job.request_id):
+                    outcome = self._call(job)
             except GracefulStop:
                 # A call cut short by shutdown does not count against the request.
                 self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1))
@@ -145,12 +162,24 @@ class JobRunner:
                 )
                 if self._queue.cancel_requested(job.request_id):
                     raise Cancelled
-                self._sleep(decision.delay)
+                with self._cancellable(job.request_id):
+                    self._sleep(decision.delay)
                 continue
             slot.release()
             self._end(claim, decision, attempts)
             return
         self._end(claim, ended, None)
+
+    @contextlib.contextmanager
+    def _cancellable(self, request_id: str) -> Iterator[None]:
+        """While inside, a cancel kills the job's greenlet at once."""
+        if request_id in self._cancels:
+            raise Cancelled
+        self._interruptible.add(request_id)
+        try:
+            yield
+        finally:
+            self._interruptible.discard(request_id)
 
     def _end(self, claim: Claim, ended: Finish, attempts: int | None) -> None:
         if ended.status is Status.COMPLETED:
@@ -188,7 +217,9 @@ class JobRunner:
                 self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts))
             self._queue.release(claim)
         except StorageUnavailable as exc:
-            log.error("request %s: could not put it back; its lease will lapse: %s", job.request_id, exc)
+            log.error(
+                "request %s: could not put it back; it waits again at the next start: %s", job.request_id, exc
+            )
 
     def _release_when_possible(self, claim: Claim) -> None:
         """Hand the job back once the store works again. Should the worker stop first, the claim's

@@ -16,6 +16,7 @@ from conftest import body, wait_until
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.services.finalize import Finalizer
+from llm_proxy.storage.base import Claim, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.upstream.outcome import Outcome
 from llm_proxy.worker.dispatcher import Dispatcher, DispatchSettings
@@ -88,11 +89,7 @@ class Rig:
         self.stopping = gevent.event.Event()
         worker_signals = self.backend.worker_signals() if signals else None
         self.finalizer = Finalizer(
-            queue=self.queue,
-            statuses=self.statuses,
-            outbox=self.backend.outbox,
-            result_ttl=result_ttl,
-            announce=lambda request_id: None,
+            backend=self.backend, result_ttl=result_ttl, announce=lambda request_id: None
         )
         self.runner = JobRunner(
             queue=self.queue,
@@ -277,6 +274,34 @@ def test_a_job_whose_lease_another_worker_took_is_dropped_without_a_write(
     assert entry is not None and entry.status is Status.PROCESSING and entry.attempts == 1
     assert rig.queue.holds(taken) and rig.queue.counts() == (0, 1)
     assert rig.upstream.calls == ["a"]
+
+
+def test_calls_stop_when_leases_cannot_be_renewed_and_resume_once_they_can(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(lease_seconds=0.6)
+    renew = rig.queue.renew
+    broken = gevent.event.Event()
+
+    def failing_renew(claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+        if broken.is_set():
+            raise StorageUnavailable("database is locked")
+        return renew(claims, lease_seconds)
+
+    rig.queue.renew = failing_renew  # type: ignore[method-assign]
+    rig.upstream.gate.clear()
+    rig.submit("a")
+    rig.start()
+    wait_until(lambda: rig.upstream.inflight == 1)
+    broken.set()
+    # Before its lease lapses, the worker stops calling for a job it may no longer hold.
+    wait_until(lambda: rig.upstream.inflight == 0, timeout=5)
+    broken.clear()
+    rig.upstream.gate.set()
+    # The lease lapses, the job waits again and runs to its end as a second attempt.
+    entry = rig.final("a")
+    assert entry.status is Status.COMPLETED and entry.attempts == 2
+    assert rig.upstream.calls == ["a", "a"]
 
 
 def test_graceful_stop_puts_unfinished_work_back_without_counting_it(make_rig: Callable[..., Rig]) -> None:

@@ -84,13 +84,7 @@ class InProcessWeb:
         self.signals = RecordingSignals()
         self.waiters = Waiters()
         self.waiters.start(self.signals)
-        self.finalizer = Finalizer(
-            queue=self.queue,
-            statuses=self.statuses,
-            outbox=self.backend.outbox,
-            result_ttl=3600,
-            announce=self.waiters.wake,
-        )
+        self.finalizer = Finalizer(backend=self.backend, result_ttl=3600, announce=self.waiters.wake)
         self.service = RequestService(
             queue=self.queue,
             statuses=self.statuses,

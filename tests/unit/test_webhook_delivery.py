@@ -294,7 +294,8 @@ def owe(
 ) -> None:
     harness.statuses.put(request_id, completed(request_id, webhook))
     harness.sender.scripts[delivery(request_id).url] = script
-    harness.deliverer.owe(delivery(request_id))
+    harness.outbox.owe(delivery(request_id))
+    harness.deliverer.nudge()
 
 
 def test_a_successful_delivery_is_recorded_and_done(running: Harness) -> None:

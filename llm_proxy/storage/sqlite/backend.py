@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import IO
 
+from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import (
     Backend,
+    Claim,
     ConcurrencyLimit,
+    Delivery,
     StorageUnavailable,
     WebSignals,
     WorkerSignals,
@@ -56,6 +59,26 @@ class EmbeddedBackend(Backend):
 
     def concurrency_limit(self, max_concurrent: int) -> ConcurrencyLimit:
         return LocalLimit(max_concurrent)
+
+    def finish(
+        self,
+        request_id: str,
+        entry: StatusEntry,
+        *,
+        ttl: float,
+        delivery: Delivery | None = None,
+        claim: Claim | None = None,
+    ) -> bool:
+        # Three files, so three commits, in the crash-safe order. The lease check and the writes
+        # cannot interleave with another consumer's: the lock admits one.
+        if claim is not None and not self.queue.holds(claim):
+            return False
+        self.statuses.put(request_id, entry, ttl=ttl)
+        if delivery is not None:
+            self.outbox.owe(delivery)
+        if claim is not None:
+            self.queue.ack(claim)
+        return True
 
     def consumer_admitted(self) -> bool:
         """Holds ``DATA_DIR/worker.lock`` for the process's life (its pid written in it)."""

@@ -137,15 +137,16 @@ _NEXT_TOKEN = f"UPDATE {TABLE}_counts SET n = n + 1 WHERE name = 'lease_token' R
 _LEASE = f"INSERT OR REPLACE INTO {TABLE}_leases (ticket, holder, token, expires_at) VALUES (?, ?, ?, ?)"
 _CURRENT = f"EXISTS (SELECT 1 FROM {TABLE}_leases WHERE ticket = :ticket AND token = :token)"
 _ACK = f"UPDATE {TABLE} SET status = {ACKED} WHERE _id = :ticket AND status = {IN_FLIGHT} AND {_CURRENT}"
+_ACKED_UNDER = f"SELECT 1 FROM {TABLE} WHERE _id = :ticket AND status = {ACKED} AND {_CURRENT}"
 _RELEASE = f"UPDATE {TABLE} SET status = {READY} WHERE _id = :ticket AND status = {IN_FLIGHT} AND {_CURRENT}"
 _HOLDING = (
     f"SELECT l.ticket, l.token FROM {TABLE}_leases AS l JOIN {TABLE} AS t ON t._id = l.ticket"
     f" WHERE t.status = {IN_FLIGHT} AND l.ticket IN ({{marks}})"
 )
 _RENEW = f"""
-UPDATE {TABLE}_leases SET expires_at = ?
-WHERE holder = ? AND ticket IN (SELECT _id FROM {TABLE} WHERE status = {IN_FLIGHT})
-RETURNING ticket
+UPDATE {TABLE}_leases SET expires_at = :expires_at
+WHERE ticket = :ticket AND token = :token
+    AND EXISTS (SELECT 1 FROM {TABLE} WHERE _id = :ticket AND status = {IN_FLIGHT})
 """
 # In flight without a live lease: its holder is gone (rows claimed before leases existed count too).
 _REQUEUE = f"""
@@ -283,11 +284,17 @@ class PersistJobQueue(JobQueue):
             for ticket, data, status, cancelled in rows
         ]
 
-    def renew(self, holder: str, lease_seconds: float) -> set[int]:
-        def extend() -> set[int]:
+    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+        expires_at = time.time() + lease_seconds
+
+        def extend() -> set[tuple[int, int]]:
+            held = set()
             with immediate(self._claimer) as connection:
-                rows = connection.execute(_RENEW, (time.time() + lease_seconds, holder)).fetchall()
-            return {int(row[0]) for row in rows}
+                for claim in claims:
+                    args = {"ticket": claim.ticket, "token": claim.lease.token, "expires_at": expires_at}
+                    if connection.execute(_RENEW, args).rowcount == 1:
+                        held.add((claim.ticket, claim.lease.token))
+            return held
 
         return retrying("cannot renew leases", extend, self._patience)
 
