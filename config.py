@@ -54,12 +54,20 @@ class Config:
     """GET /metrics without a key (for a scraper on a private network)."""
     sync_wait_max: float = 25.0
     """Longest a long-poll or a wait-mode submit holds its connection (Heroku cuts at 30 s)."""
+    database_url: str | None = None
+    """Set: everything is kept in this PostgreSQL database, shared by every process."""
+    lease_timeout: float = 30.0
+    """Seconds a claimed request may go without its worker's renewal before another takes it."""
+    database_pool_size: int = 2
+    """Connections per process (plus one for LISTEN)."""
 
     def __repr__(self) -> str:
         # Secrets never reach a log, even through an accidental repr.
         shown = {
             f.name: (
-                "***" if f.name in ("api_keys", "openai_api_key", "webhook_secret") else getattr(self, f.name)
+                "***"
+                if f.name in ("api_keys", "openai_api_key", "webhook_secret", "database_url")
+                else getattr(self, f.name)
             )
             for f in dataclasses.fields(self)
         }
@@ -127,6 +135,15 @@ def _webhook_secret(name: str, raw: str) -> str:
     return secret
 
 
+def _database_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        # The value may hold a password: never repeat it.
+        raise ConfigError(f"{name} must be a postgres:// or postgresql:// URL")
+    return url
+
+
 def _level(name: str, raw: str) -> str:
     level = raw.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -166,6 +183,9 @@ def load_config(env: Mapping[str, str]) -> Config:
     take("WEBHOOK_CONCURRENCY", "webhook_concurrency", lambda n, r: _int(n, r, 1))
     take("SYNC_WAIT_MAX", "sync_wait_max", lambda n, r: _float(n, r, 0))
     take("METRICS_PUBLIC", "metrics_public", _bool)
+    take("DATABASE_URL", "database_url", _database_url)
+    take("LEASE_TIMEOUT", "lease_timeout", lambda n, r: _float(n, r, 1))
+    take("DATABASE_POOL_SIZE", "database_pool_size", lambda n, r: _int(n, r, 1))
     port = values.get("port", 3000)
     if isinstance(port, int) and port > 65535:
         raise ConfigError(f"PORT must be <= 65535, got {port}")

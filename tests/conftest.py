@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 
 from support.harness import free_port, wait_until  # noqa: E402
+from support.postgres import REQUIRE_ENV, PostgresServer, server_binaries  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
@@ -215,3 +216,29 @@ def make_service(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Callab
     yield make
     for service in services:
         service.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | None]:
+    """A real PostgreSQL server for the whole run, or None when this machine has none."""
+    binaries = server_binaries()
+    if binaries is None:
+        yield None
+        return
+    server = PostgresServer(binaries)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def database_url(postgres_server: PostgresServer | None) -> Iterator[str]:
+    """A fresh, empty database of that server. Without a server the test is skipped, unless
+    REQUIRE_POSTGRES=1 (as in CI), which makes it fail."""
+    if postgres_server is None:
+        message = "no PostgreSQL server binaries (apt-get install postgresql): Postgres tests skipped"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    url = postgres_server.new_database()
+    yield url
+    postgres_server.drop_database(url)

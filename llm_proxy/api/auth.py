@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from bottle import HTTPResponse, Route
 
 from llm_proxy.api.http import error_response, header
-
-KEY_FILE = "api_key"
 
 
 def owner_of(key: str) -> str:
@@ -54,28 +50,19 @@ def presented_key(api_key_header: str | None, authorization_header: str | None) 
     return None
 
 
-def generated_key(data_dir: Path, announce: TextIO = sys.stderr) -> str:
-    """The key kept in DATA_DIR, created (and printed, this once) on first start."""
-    path = data_dir / KEY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_text(encoding="utf-8").strip()
-        if key:
-            announce.write(f"llm-proxy: API_KEY is unset; using the generated key stored in {path}\n")
-            return key
-        path.unlink()
-        return generated_key(data_dir, announce)
-    key = "sk-proxy-" + secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(key + "\n")
+def generated_key(keep: Callable[[str], tuple[str, bool]], where: str, announce: TextIO = sys.stderr) -> str:
+    """The key kept by the back end (``keep``: see ``Backend.keep_key``), created and printed, this
+    once, by the process that creates it."""
+    key, created = keep("sk-proxy-" + secrets.token_urlsafe(32))
+    if not created:
+        announce.write(f"llm-proxy: API_KEY is unset; using the generated key kept in {where}\n")
+        return key
     banner = "=" * 72
     announce.write(
         f"\n{banner}\n"
         "llm-proxy: API_KEY is not set, so a key was generated for this service.\n"
         f"  API key: {key}\n"
-        f"It is stored in {path} and will not be printed again.\n"
+        f"It is kept in {where} and will not be printed again.\n"
         "Send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>', or set API_KEY.\n"
         f"{banner}\n\n"
     )

@@ -41,10 +41,15 @@ class Waiters:
         if event is not None:
             event.set()
 
+    def wake_all(self) -> None:
+        """Announcements may have been missed: every waiter reads its request's status again."""
+        for event in self._events.values():
+            event.set()
+
     def start(self, signals: WebSignals) -> None:
         """Wake waiters as the back end announces final states. Without it, waits simply last
         their full time and then read the store."""
-        self._listening = gevent.spawn(signals.listen_finals, self.wake)
+        self._listening = gevent.spawn(signals.listen_finals, self.wake, self.wake_all)
 
     def close(self) -> None:
         if self._listening is not None:

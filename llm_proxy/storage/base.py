@@ -9,6 +9,7 @@ Exceptions::
     StorageUnavailable      the back end could not durably store or read (disk full, locked, gone)
     IdempotencyConflict     an idempotency key was reused with another body
     StorageIncompatible     installed libraries or on-disk layout differ from what the code relies on
+    DatabaseUnusable        DATABASE_URL is malformed or its database unreachable at start
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class StorageUnavailable(Exception):
 
 class StorageIncompatible(Exception):
     """The installed storage libraries or the stored layout are not what this code was built on."""
+
+
+class DatabaseUnusable(Exception):
+    """DATABASE_URL is malformed, or the database cannot be reached at start (the message never
+    holds the password)."""
 
 
 class IdempotencyConflict(Exception):
@@ -295,9 +301,12 @@ class WebSignals(ABC):
         """This request became final here: wake waiters in other web processes."""
 
     @abstractmethod
-    def listen_finals(self, on_final: Callable[[str], None]) -> None:
-        """Call ``on_final`` with each request id that became final, until ``close``. Blocks (run
-        it in its own greenlet)."""
+    def listen_finals(
+        self, on_final: Callable[[str], None], on_gap: Callable[[], None] = lambda: None
+    ) -> None:
+        """Call ``on_final`` with each request id that became final, until ``close``; call
+        ``on_gap`` when announcements may have been missed (after a reconnection). Blocks (run it
+        in its own greenlet)."""
 
     @abstractmethod
     def open_relay(self, request_id: str) -> RelaySink:
@@ -348,7 +357,7 @@ class ConcurrencyLimit(ABC):
         """How many jobs this worker may claim now, waiting up to ``timeout`` for one to free up."""
 
     @abstractmethod
-    def hold(self) -> Slot:
+    def hold(self, claim: Claim) -> Slot:
         """The slot of a job just claimed (within what ``free`` allowed)."""
 
 
@@ -388,6 +397,16 @@ class Backend(ABC):
         together where the back end can, else in that order (a crash in between leaves the claim to
         lapse, and the job's next holder completes what is missing). With a claim whose lease is no
         longer current nothing changes and False is returned."""
+
+    @abstractmethod
+    def keep_key(self, candidate: str) -> tuple[str, bool]:
+        """The API key generated for a service started without API_KEY, kept by the back end so
+        that every process accepts the same one: ``candidate`` when none was kept yet (True: this
+        process created it), else the kept one (False)."""
+
+    @abstractmethod
+    def describe_key_store(self) -> str:
+        """Where ``keep_key`` keeps the key, for the message that names it."""
 
     @abstractmethod
     def consumer_admitted(self) -> bool:

@@ -22,9 +22,9 @@ from llm_proxy.api.service import RequestService
 from llm_proxy.api.waiters import Waiters
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
 from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition
-from llm_proxy.processes import SUPERVISOR_PID_ENV
+from llm_proxy.processes import CONFIG_ERROR, SUPERVISOR_PID_ENV
 from llm_proxy.services.finalize import Finalizer
-from llm_proxy.storage.base import StorageIncompatible, StorageUnavailable
+from llm_proxy.storage.base import DatabaseUnusable, StorageIncompatible, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.web.supervisor import WorkerSupervisor
 
@@ -49,8 +49,10 @@ def build_web(config: Config) -> Web:
     """The API wired to the configured back end; ``Web.close`` releases everything it opened."""
     if not os.environ.get(METRICS_ENV):
         enable_multiprocess(config.data_dir, fresh=False)
-    keys = config.api_keys or (generated_key(config.data_dir),)
-    backend = open_backend(data_dir=config.data_dir)
+    backend = open_backend(
+        data_dir=config.data_dir, database_url=config.database_url, pool_size=config.database_pool_size
+    )
+    keys = config.api_keys or (generated_key(backend.keep_key, backend.describe_key_store()),)
     signals = backend.web_signals()
     waiters = Waiters()
     waiters.start(signals)
@@ -123,6 +125,9 @@ def run_web(config: Config, worker_command: list[str]) -> int:
     enable_multiprocess(config.data_dir, fresh=config.embedded_worker)
     try:
         web = build_web(config)
+    except DatabaseUnusable as exc:
+        print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
     except (StorageUnavailable, StorageIncompatible, OSError) as exc:
         print(f"llm-proxy: cannot open DATA_DIR={config.data_dir}: {exc}", file=sys.stderr)
         return 1

@@ -148,7 +148,7 @@ class Dispatcher:
             )
             for claim in claims:
                 request_id = claim.job.request_id
-                running = self._jobs.spawn(self._runner.run, claim, self._limit.hold())
+                running = self._jobs.spawn(self._runner.run, claim, self._limit.hold(claim))
                 self._running[request_id] = (running, claim)
                 running.link(lambda _, rid=request_id: self._running.pop(rid, None))
 

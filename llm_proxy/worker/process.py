@@ -16,7 +16,7 @@ from llm_proxy import processes
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
 from llm_proxy.observability.metrics import Metrics, enable_multiprocess
 from llm_proxy.services.finalize import Finalizer
-from llm_proxy.storage.base import Backend, StorageIncompatible, StorageUnavailable
+from llm_proxy.storage.base import Backend, DatabaseUnusable, StorageIncompatible, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.upstream.client import UpstreamClient
 from llm_proxy.webhooks.delivery import WebhookDeliverer
@@ -41,7 +41,12 @@ def run_worker(config: Config) -> int:
         # Run on its own (not as web's child): share DATA_DIR/metrics with the web process.
         enable_multiprocess(config.data_dir, fresh=False)
     try:
-        backend = open_backend(data_dir=config.data_dir)
+        backend = open_backend(
+            data_dir=config.data_dir, database_url=config.database_url, pool_size=config.database_pool_size
+        )
+    except DatabaseUnusable as exc:
+        print(f"llm-proxy worker: configuration error: {exc}", file=sys.stderr)
+        return processes.CONFIG_ERROR
     except (StorageUnavailable, StorageIncompatible) as exc:
         print(f"llm-proxy worker: {exc}", file=sys.stderr)
         return 1
@@ -107,7 +112,9 @@ def _serve(config: Config, backend: Backend) -> int:
         statuses=backend.statuses,
         limit=backend.concurrency_limit(config.max_concurrent),
         runner=runner,
-        settings=DispatchSettings(shutdown_timeout=config.shutdown_timeout),
+        settings=DispatchSettings(
+            shutdown_timeout=config.shutdown_timeout, lease_seconds=config.lease_timeout
+        ),
         stopping=stopping,
         signals=signals,
         previous_holders_gone=backend.previous_holders_gone,

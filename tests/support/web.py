@@ -55,7 +55,9 @@ class RecordingSignals(WebSignals):
     def announce_final(self, request_id: str) -> None:
         pass
 
-    def listen_finals(self, on_final: Callable[[str], None]) -> None:
+    def listen_finals(
+        self, on_final: Callable[[str], None], on_gap: Callable[[], None] = lambda: None
+    ) -> None:
         self._closed.wait()
 
     def open_relay(self, request_id: str) -> RelaySink:

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 from llm_proxy.api.auth import KeyChecker, generated_key, owner_of, presented_key
+from llm_proxy.storage.sqlite.backend import EmbeddedBackend
 
 
 def test_each_key_maps_to_its_own_owner() -> None:
@@ -32,10 +33,12 @@ def test_presented_key_from_either_header() -> None:
 
 
 def test_generated_key_is_strong_private_and_printed_once(tmp_path: Path) -> None:
+    backend = EmbeddedBackend(tmp_path)
     first_out = io.StringIO()
-    key = generated_key(tmp_path, announce=first_out)
+    key = generated_key(backend.keep_key, "here", announce=first_out)
     assert len(key) >= 40 and key in first_out.getvalue()
     assert stat.S_IMODE((tmp_path / "api_key").stat().st_mode) == 0o600
     second_out = io.StringIO()
-    assert generated_key(tmp_path, announce=second_out) == key
+    assert generated_key(backend.keep_key, "here", announce=second_out) == key
     assert key not in second_out.getvalue()
+    backend.close()

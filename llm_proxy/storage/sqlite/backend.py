@@ -31,6 +31,7 @@ from llm_proxy.storage.sqlite.signals import EmbeddedWebSignals, EmbeddedWorkerS
 from llm_proxy.storage.sqlite.statuses import DiskcacheStatusStore
 
 LOCK_FILE = "worker.lock"
+KEY_FILE = "api_key"
 
 
 class EmbeddedBackend(Backend):
@@ -79,6 +80,24 @@ class EmbeddedBackend(Backend):
         if claim is not None:
             self.queue.ack(claim)
         return True
+
+    def keep_key(self, candidate: str) -> tuple[str, bool]:
+        """In ``DATA_DIR/api_key``, readable by the service's user alone."""
+        path = self.data_dir / KEY_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            kept = path.read_text(encoding="utf-8").strip()
+            if kept:
+                return kept, False
+            path.unlink()  # left empty by a crash while it was written
+            return self.keep_key(candidate)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(candidate + "\n")
+        return candidate, True
+
+    def describe_key_store(self) -> str:
+        return str(self.data_dir / KEY_FILE)
 
     def consumer_admitted(self) -> bool:
         """Holds ``DATA_DIR/worker.lock`` for the process's life (its pid written in it)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gevent.lock
 
-from llm_proxy.storage.base import ConcurrencyLimit, Slot
+from llm_proxy.storage.base import Claim, ConcurrencyLimit, Slot
 
 
 class _LocalSlot(Slot):
@@ -27,6 +27,6 @@ class LocalLimit(ConcurrencyLimit):
             self._slots.wait(timeout=timeout)
         return int(self._slots.counter)
 
-    def hold(self) -> Slot:
+    def hold(self, claim: Claim) -> Slot:
         self._slots.acquire()
         return _LocalSlot(self._slots)

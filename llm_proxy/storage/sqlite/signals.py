@@ -179,7 +179,10 @@ class EmbeddedWebSignals(WebSignals):
     def announce_final(self, request_id: str) -> None:
         """Nothing to do: there is no other web process on this back end."""
 
-    def listen_finals(self, on_final: Callable[[str], None]) -> None:
+    def listen_finals(
+        self, on_final: Callable[[str], None], on_gap: Callable[[], None] = lambda: None
+    ) -> None:
+        # One socket bound for the process's life: no announcement can be missed while it runs.
         while self._finals.available:
             for message in self._finals.receive(timeout=60.0):
                 for request_id in message.split(b"\n"):

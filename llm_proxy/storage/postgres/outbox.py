@@ -1,0 +1,64 @@
+"""The networked webhook outbox: owed deliveries taken by any worker's sender for a while; what a
+sender that died had taken is owed again once that while is over."""
+
+from __future__ import annotations
+
+from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery
+from llm_proxy.storage.postgres.database import Connection, Database
+
+TAKEN_FOR = 3600.0
+"""Seconds a taken delivery belongs to its sender: longer than its whole retry schedule."""
+OUTBOX_CHANNEL = "llm_proxy_outbox"
+
+
+class PostgresOutbox(Outbox):
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def owe(self, delivery: Delivery) -> None:
+        with self._db.transaction("cannot owe a webhook") as connection:
+            self.owe_in(connection, delivery)
+
+    @staticmethod
+    def owe_in(connection: Connection, delivery: Delivery) -> None:
+        connection.execute(
+            "INSERT INTO llm_proxy_outbox (request_id, owner, url, payload) VALUES (%s, %s, %s, %s)",
+            (delivery.request_id, delivery.owner, delivery.url, delivery.payload),
+        )
+
+    def take(self, limit: int) -> list[OwedDelivery]:
+        rows = self._db.execute(
+            "cannot take webhook deliveries",
+            "WITH picked AS MATERIALIZED (SELECT id FROM llm_proxy_outbox"
+            " WHERE state = 0 OR (state = 1 AND taken_until < now())"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " UPDATE llm_proxy_outbox AS o SET state = 1, taken_until = now() + make_interval(secs => %s)"
+            " FROM picked WHERE o.id = picked.id RETURNING o.id, o.request_id, o.owner, o.url, o.payload",
+            (limit, TAKEN_FOR),
+        )
+        owed = [
+            OwedDelivery(int(id_), Delivery(request_id=rid, owner=owner, url=url, payload=payload))
+            for id_, rid, owner, url, payload in rows
+        ]
+        return sorted(owed, key=lambda o: o.ticket)
+
+    def done(self, owed: OwedDelivery) -> None:
+        self._db.execute(
+            "cannot finish a webhook delivery",
+            "UPDATE llm_proxy_outbox SET state = 2 WHERE id = %s",
+            (owed.ticket,),
+        )
+
+    def recover(self) -> int:
+        """Nothing to do at a sender's start: other senders may be alive, and what a dead one took
+        is owed again when its ``TAKEN_FOR`` is over."""
+        return 0
+
+    def compact(self) -> int:
+        rows = self._db.execute(
+            "cannot compact the outbox", "DELETE FROM llm_proxy_outbox WHERE state = 2 RETURNING 1"
+        )
+        return len(rows)
+
+    def close(self) -> None:
+        """The database is closed by the back end that opened it."""

@@ -1,0 +1,283 @@
+"""The networked job queue: one table, claimed FIFO with ``FOR UPDATE SKIP LOCKED`` under leases.
+
+The global ``MAX_CONCURRENT`` is counted inside the claiming transaction: claimers are serialised
+by a transaction-level advisory lock, the claimed rows whose call is still running under a live
+lease are the slots in use, and only the free ones are taken. No counter can drift: a worker that
+dies frees its slots when its leases lapse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from llm_proxy.domain.job import Job, body_digest
+from llm_proxy.storage.base import (
+    IDEMPOTENCY_WINDOW,
+    CancelResult,
+    Claim,
+    IdempotencyConflict,
+    JobQueue,
+    Lease,
+    QueueCounts,
+    Queued,
+    Submitted,
+)
+from llm_proxy.storage.postgres.database import Connection, Database
+
+CLAIM_LOCK = 7_210_002
+"""pg_advisory_xact_lock key serialising claimers, so two can never both take the last slot."""
+WORK_CHANNEL = "llm_proxy_work"
+
+_INSERT = """
+INSERT INTO llm_proxy_jobs (request_id, owner, body, submitted_at, relay)
+VALUES (%s, %s, %s, %s, %s) RETURNING ticket
+"""
+# Waiting jobs, and claimed ones whose lease lapsed (their worker is gone), oldest first.
+_CLAIM = """
+WITH used AS (
+    SELECT count(*) AS n FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now()
+), picked AS MATERIALIZED (
+    SELECT ticket, state FROM llm_proxy_jobs
+    WHERE state < 2 OR (state = 2 AND lease_expires_at <= now())
+    ORDER BY ticket
+    LIMIT GREATEST(0, LEAST(%(limit)s, %(ceiling)s - (SELECT n FROM used)))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE llm_proxy_jobs AS j
+SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
+    lease_expires_at = now() + make_interval(secs => %(lease)s), calling = true
+FROM picked WHERE j.ticket = picked.ticket
+RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
+    j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
+"""
+_FIND = """
+SELECT j.ticket, j.state, j.owner, j.submitted_at, j.body,
+    CASE WHEN j.state < 2 THEN
+        (SELECT count(*) FROM llm_proxy_jobs AS w WHERE w.state < 2 AND w.ticket <= j.ticket)
+    END
+FROM llm_proxy_jobs AS j WHERE j.request_id = %s AND j.state < 3
+"""
+
+
+def _body(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
+
+
+class PostgresJobQueue(JobQueue):
+    def __init__(self, database: Database, *, ceiling: int | None = None) -> None:
+        self._db = database
+        self._ceiling = ceiling
+
+    def with_ceiling(self, ceiling: int) -> None:
+        """The global MAX_CONCURRENT this process's claims respect (set by the worker)."""
+        self._ceiling = ceiling
+
+    def put(self, job: Job) -> int:
+        with self._db.transaction("cannot store the job") as connection:
+            ticket = self._insert(connection, job)
+        return ticket
+
+    def _insert(self, connection: Connection, job: Job) -> int:
+        row = connection.execute(
+            _INSERT, (job.request_id, job.owner, job.body_json, job.submitted_at, job.relay)
+        ).fetchone()
+        connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
+        return int(row[0]) if row else 0
+
+    def put_once(self, job: Job, key: str) -> Submitted:
+        digest = body_digest(job.body)
+        with self._db.transaction("cannot store the job") as connection:
+            # A racing submit with the same key waits here until this one commits, then finds it.
+            created = connection.execute(
+                "INSERT INTO llm_proxy_idempotency (owner, key, request_id, body_hash)"
+                " VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (owner, key) DO NOTHING RETURNING request_id",
+                (job.owner, key, job.request_id, digest),
+            ).fetchone()
+            if created is None:
+                earlier = connection.execute(
+                    "SELECT request_id, body_hash, created_at > now() - make_interval(secs => %s)"
+                    " FROM llm_proxy_idempotency WHERE owner = %s AND key = %s FOR UPDATE",
+                    (IDEMPOTENCY_WINDOW, job.owner, key),
+                ).fetchone()
+                if earlier is not None and earlier[2]:
+                    if earlier[1] != digest:
+                        raise IdempotencyConflict(str(earlier[0]))
+                    return Submitted(str(earlier[0]), replayed=True)
+                # Used longer ago than the window: the key is free again.
+                connection.execute(
+                    "UPDATE llm_proxy_idempotency SET request_id = %s, body_hash = %s, created_at = now()"
+                    " WHERE owner = %s AND key = %s",
+                    (job.request_id, digest, job.owner, key),
+                )
+            self._insert(connection, job)
+        return Submitted(job.request_id, replayed=False)
+
+    def find(self, request_id: str) -> Queued | None:
+        rows = self._db.execute("cannot read the job queue", _FIND, (request_id,))
+        if not rows:
+            return None
+        ticket, state, owner, submitted_at, body, position = rows[0]
+        return Queued(
+            ticket=int(ticket),
+            request_id=request_id,
+            owner=str(owner),
+            submitted_at=int(submitted_at),
+            body_json=str(body),
+            in_flight=int(state) == 2,
+            fresh=int(state) == 0,
+            position=None if position is None else int(position),
+        )
+
+    def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
+        # Without a ceiling (no worker set one: tests, tools) nothing but ``limit`` bounds a claim.
+        ceiling = self._ceiling if self._ceiling is not None else 2**31 - 1
+        with self._db.transaction("cannot claim jobs") as connection:
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+            rows = connection.execute(
+                _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
+            ).fetchall()
+        claims = [
+            Claim(
+                ticket=int(ticket),
+                job=Job(
+                    request_id=str(request_id),
+                    body=_body(body),
+                    owner=str(owner),
+                    submitted_at=int(submitted_at),
+                    relay=bool(relay),
+                ),
+                lease=Lease(holder=holder, token=int(token), expires_at=float(expires_at)),
+                fresh=int(state) == 0,
+                cancel_requested=bool(cancel_requested),
+            )
+            for (
+                ticket,
+                request_id,
+                owner,
+                body,
+                submitted_at,
+                relay,
+                state,
+                cancel_requested,
+                token,
+                expires_at,
+            ) in rows
+        ]
+        return sorted(claims, key=lambda c: c.ticket)
+
+    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+        if not claims:
+            return set()
+        rows = self._db.execute(
+            "cannot renew leases",
+            "UPDATE llm_proxy_jobs SET lease_expires_at = now() + make_interval(secs => %s)"
+            " WHERE state = 2 AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+            " RETURNING ticket, token",
+            (lease_seconds, [c.ticket for c in claims], [c.lease.token for c in claims]),
+        )
+        return {(int(ticket), int(token)) for ticket, token in rows}
+
+    def holds(self, claim: Claim) -> bool:
+        rows = self._db.execute(
+            "cannot read the job queue",
+            "SELECT 1 FROM llm_proxy_jobs WHERE ticket = %s AND token = %s AND state = 2",
+            (claim.ticket, claim.lease.token),
+        )
+        return bool(rows)
+
+    def ack(self, claim: Claim) -> bool:
+        with self._db.transaction("cannot ack a job") as connection:
+            return self.ack_in(connection, claim)
+
+    @staticmethod
+    def ack_in(connection: Connection, claim: Claim) -> bool:
+        """Ack inside the caller's transaction: True when the lease was current."""
+        cursor = connection.execute(
+            "UPDATE llm_proxy_jobs SET state = 3, calling = false, finished_at = now()"
+            " WHERE ticket = %s AND token = %s AND state = 2",
+            (claim.ticket, claim.lease.token),
+        )
+        return cursor.rowcount == 1
+
+    def give_back_slot(self, claim: Claim) -> None:
+        """The job's last upstream call was answered: its slot is free for any worker."""
+        with self._db.transaction("cannot give a slot back") as connection:
+            cursor = connection.execute(
+                "UPDATE llm_proxy_jobs SET calling = false WHERE ticket = %s AND token = %s AND calling",
+                (claim.ticket, claim.lease.token),
+            )
+            if cursor.rowcount == 1:
+                connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
+
+    def release(self, claim: Claim) -> bool:
+        with self._db.transaction("cannot release the job") as connection:
+            cursor = connection.execute(
+                "UPDATE llm_proxy_jobs SET state = 1, holder = NULL, calling = false"
+                " WHERE ticket = %s AND token = %s AND state = 2",
+                (claim.ticket, claim.lease.token),
+            )
+            if cursor.rowcount == 1:
+                connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
+            return cursor.rowcount == 1
+
+    def requeue_lapsed(self, before: float) -> int:
+        if math.isinf(before):
+            condition, args = "true", ()
+        else:
+            condition, args = "lease_expires_at < to_timestamp(%s)", (before,)  # type: ignore[assignment]
+        rows = self._db.execute(
+            "cannot requeue lapsed jobs",
+            "UPDATE llm_proxy_jobs SET state = 1, holder = NULL, calling = false"  # noqa: S608 - constant
+            f" WHERE state = 2 AND {condition} RETURNING ticket",
+            args,
+        )
+        return len(rows)
+
+    def cancel(self, request_id: str) -> CancelResult:
+        with self._db.transaction("cannot cancel the job") as connection:
+            row = connection.execute(
+                "SELECT ticket, state FROM llm_proxy_jobs WHERE request_id = %s FOR UPDATE", (request_id,)
+            ).fetchone()
+            if row is None or int(row[1]) == 3:
+                return CancelResult.ABSENT
+            if int(row[1]) < 2:
+                connection.execute(
+                    "UPDATE llm_proxy_jobs SET state = 3, finished_at = now() WHERE ticket = %s", (row[0],)
+                )
+                return CancelResult.WITHDRAWN
+            connection.execute(
+                "UPDATE llm_proxy_jobs SET cancel_requested = true WHERE ticket = %s", (row[0],)
+            )
+            return CancelResult.SIGNALLED
+
+    def cancel_requested(self, request_id: str) -> bool:
+        rows = self._db.execute(
+            "cannot read the job queue",
+            "SELECT 1 FROM llm_proxy_jobs WHERE request_id = %s AND cancel_requested AND state = 2",
+            (request_id,),
+        )
+        return bool(rows)
+
+    def counts(self) -> QueueCounts:
+        rows = self._db.execute(
+            "cannot read the job queue",
+            "SELECT (SELECT count(*) FROM llm_proxy_jobs WHERE state < 2),"
+            " (SELECT count(*) FROM llm_proxy_jobs WHERE state = 2)",
+        )
+        waiting, in_flight = rows[0]
+        return QueueCounts(waiting=int(waiting), in_flight=int(in_flight))
+
+    def compact(self) -> int:
+        with self._db.transaction("cannot compact the job queue") as connection:
+            connection.execute(
+                "DELETE FROM llm_proxy_idempotency WHERE created_at < now() - make_interval(secs => %s)",
+                (IDEMPOTENCY_WINDOW,),
+            )
+            return int(connection.execute("DELETE FROM llm_proxy_jobs WHERE state = 3").rowcount)
+
+    def close(self) -> None:
+        """The database is closed by the back end that opened it."""

@@ -1,0 +1,80 @@
+"""The schema, created and migrated at start-up: idempotent, versioned, and under an advisory lock,
+since several dynos start at once."""
+
+from __future__ import annotations
+
+from llm_proxy.storage.postgres.database import Database
+
+MIGRATION_LOCK = 7_210_001
+"""pg_advisory_xact_lock key held while the schema is checked and migrated."""
+
+# Each entry takes the schema from its index to the next version; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE SEQUENCE llm_proxy_lease_tokens;
+    -- state: 0 waiting (never handed out), 1 waiting again, 2 claimed, 3 finished.
+    CREATE TABLE llm_proxy_jobs (
+        ticket bigserial PRIMARY KEY,
+        request_id text NOT NULL UNIQUE,
+        owner text NOT NULL,
+        body text NOT NULL,
+        submitted_at bigint NOT NULL,
+        relay boolean NOT NULL DEFAULT false,
+        state smallint NOT NULL DEFAULT 0,
+        holder text,
+        token bigint,
+        lease_expires_at timestamptz,
+        calling boolean NOT NULL DEFAULT false,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        finished_at timestamptz
+    );
+    CREATE INDEX llm_proxy_jobs_waiting ON llm_proxy_jobs (ticket) WHERE state < 2;
+    CREATE INDEX llm_proxy_jobs_claimed ON llm_proxy_jobs (lease_expires_at) WHERE state = 2;
+    CREATE INDEX llm_proxy_jobs_finished ON llm_proxy_jobs (ticket) WHERE state = 3;
+    CREATE TABLE llm_proxy_idempotency (
+        owner text NOT NULL,
+        key text NOT NULL,
+        request_id text NOT NULL,
+        body_hash text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (owner, key)
+    );
+    CREATE TABLE llm_proxy_statuses (
+        request_id text PRIMARY KEY,
+        entry text NOT NULL,
+        expires_at timestamptz
+    );
+    CREATE INDEX llm_proxy_statuses_expiry ON llm_proxy_statuses (expires_at) WHERE expires_at IS NOT NULL;
+    -- state: 0 owed, 1 taken by a sender until taken_until, 2 done.
+    CREATE TABLE llm_proxy_outbox (
+        id bigserial PRIMARY KEY,
+        request_id text NOT NULL,
+        owner text NOT NULL,
+        url text NOT NULL,
+        payload text NOT NULL,
+        state smallint NOT NULL DEFAULT 0,
+        taken_until timestamptz
+    );
+    CREATE INDEX llm_proxy_outbox_owed ON llm_proxy_outbox (id) WHERE state < 2;
+    CREATE TABLE llm_proxy_settings (name text PRIMARY KEY, value text NOT NULL);
+    """,
+)
+
+
+def migrate(database: Database) -> int:
+    """Bring the schema to the newest version; returns it. Safe to run from many processes at once."""
+    with database.transaction("cannot set up the database schema") as connection:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        connection.execute("CREATE TABLE IF NOT EXISTS llm_proxy_schema (version integer NOT NULL)")
+        row = connection.execute("SELECT version FROM llm_proxy_schema").fetchone()
+        version = 0 if row is None else int(row[0])
+        if row is None:
+            connection.execute("INSERT INTO llm_proxy_schema VALUES (0)")
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"the database schema is at version {version}, newer than this code knows ({len(MIGRATIONS)})"
+            )
+        for step in MIGRATIONS[version:]:
+            connection.execute(step)
+        connection.execute("UPDATE llm_proxy_schema SET version = %s", (len(MIGRATIONS),))
+    return len(MIGRATIONS)
