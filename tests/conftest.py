@@ -160,9 +160,16 @@ class Service:
         return dict(wait_until(final, timeout=timeout, interval=0.05))
 
     def worker_pids(self) -> list[int]:
+        """The embedded worker: named in DATA_DIR/worker.lock (SQLite back end), else the web
+        process's child."""
         lock = self.data_dir / "worker.lock"
         text = lock.read_text().strip() if lock.exists() else ""
-        return [int(text)] if text.isdigit() else []
+        if text.isdigit():
+            return [int(text)]
+        if self.process is None:
+            return []
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         code = None
@@ -228,6 +235,14 @@ def postgres_server() -> Iterator[PostgresServer | None]:
     server = PostgresServer(binaries)
     yield server
     server.close()
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def backend_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that selects each back end, for end-to-end tests run on both."""
+    if request.param == "postgres":
+        return {"DATABASE_URL": request.getfixturevalue("database_url"), "LEASE_TIMEOUT": "2"}
+    return {}
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ MakeService = Callable[..., Service]
 
 
 def test_kill9_of_the_whole_service_after_a_burst_loses_nothing(
-    make_service: MakeService, fake_upstream: FakeUpstream
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
 ) -> None:
-    service = make_service(MAX_CONCURRENT="2")
+    service = make_service(MAX_CONCURRENT="2", **backend_env)
     fake_upstream.reset()
     accepted = []
     for i in range(40):
@@ -38,9 +38,9 @@ def test_kill9_of_the_whole_service_after_a_burst_loses_nothing(
 
 
 def test_sigterm_finishes_what_it_can_puts_back_the_rest_and_they_complete_after_restart(
-    make_service: MakeService, fake_upstream: FakeUpstream
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
 ) -> None:
-    service = make_service(MAX_CONCURRENT="3", SHUTDOWN_TIMEOUT="1.5")
+    service = make_service(MAX_CONCURRENT="3", SHUTDOWN_TIMEOUT="1.5", **backend_env)
     fake_upstream.reset()
     quick = service.submit(body(x_fake={"key": "term-quick", "delay": 0.8})).json()["request_id"]
     cut = [
@@ -86,9 +86,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_request_that_keeps_killing_the_worker_ends_as_an_error(
-    make_service: MakeService, fake_upstream: FakeUpstream
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
 ) -> None:
-    service = make_service(MAX_RETRIES="1")
+    service = make_service(MAX_RETRIES="1", **backend_env)
     fake_upstream.reset()
     rid = service.submit(body(x_fake={"key": "killer", "delay": 30})).json()["request_id"]
     for calls in (1, 2):
@@ -126,8 +126,12 @@ def test_a_locked_disk_answers_503_and_the_service_recovers(
     assert service.wait_final(after.json()["request_id"])["status"] == "completed"
 
 
-def test_logs_hold_no_keys_and_no_message_contents(make_service: MakeService, receiver: Receiver) -> None:
-    service = make_service(OPENAI_API_KEY="sk-upstream-do-not-log-7777", WEBHOOK_ALLOW_PRIVATE="true")
+def test_logs_hold_no_keys_and_no_message_contents(
+    make_service: MakeService, receiver: Receiver, backend_env: dict[str, str]
+) -> None:
+    service = make_service(
+        OPENAI_API_KEY="sk-upstream-do-not-log-7777", WEBHOOK_ALLOW_PRIVATE="true", **backend_env
+    )
     secret_text = "my-secret-prompt-text-4242"
     rid = service.submit(body(secret_text, webhookUrl=receiver.url("/ok/logs"))).json()["request_id"]
     service.wait_final(rid)
@@ -139,6 +143,7 @@ def test_logs_hold_no_keys_and_no_message_contents(make_service: MakeService, re
         secret_text,
         service.env["API_KEY"],
         "wrong-key-that-must-not-be-logged",
+        *([backend_env["DATABASE_URL"]] if "DATABASE_URL" in backend_env else []),
     ]:
         assert secret not in log
     assert rid in log  # the log is not simply empty

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,24 @@ from support.web import OTHER_KEY, InProcessWeb, claim_one
 Harness = InProcessWeb
 
 
+@pytest.fixture(params=["embedded", "postgres"])
+def make_web(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """The API on each back end."""
+    url = request.getfixturevalue("database_url") if request.param == "postgres" else None
+    made: list[Harness] = []
+
+    def make(**settings: Any) -> Harness:
+        made.append(Harness(tmp_path / f"data{len(made)}", database_url=url, **settings))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
 @pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path / "data")
-    yield harness
-    harness.close()
+def h(make_web: Callable[..., Harness]) -> Harness:
+    return make_web()
 
 
 def assert_error(reply: Any, status: int, kind: str) -> dict[str, Any]:
@@ -47,7 +60,8 @@ def test_health_needs_no_key(h: Harness) -> None:
     assert reply.json == {"status": "ok"}
 
 
-def test_submit_answers_202_after_queueing_durably(h: Harness, tmp_path: Path) -> None:
+def test_submit_answers_202_after_queueing_durably(make_web: Callable[..., Harness]) -> None:
+    h = make_web()
     reply = h.submit(body("one"), status=202)
     accepted = reply.json
     assert set(accepted) == {"request_id", "status", "queue_position", "active_requests"}
@@ -56,12 +70,13 @@ def test_submit_answers_202_after_queueing_durably(h: Harness, tmp_path: Path) -
     assert accepted["active_requests"] == 0
     assert reply.headers["Location"] == f"/v1/chat/completions/{accepted['request_id']}"
     assert h.nudges == 1
-    # Another process opening the same DATA_DIR sees the job: it is on disk, not in memory.
-    other = PersistJobQueue(tmp_path / "data" / "queue")
-    claim = claim_one(other)
+    # Another process opening the same store sees the job: it is stored, not in memory.
+    queue = make_web().queue if h.database_url else PersistJobQueue(h.data_dir / "queue")
+    claim = claim_one(queue)
     assert claim is not None and claim.job.request_id == accepted["request_id"]
     assert claim.job.body == body("one")
-    other.close()
+    if not h.database_url:
+        queue.close()
 
 
 def test_queue_positions_and_active_requests(h: Harness) -> None:
@@ -186,8 +201,8 @@ def test_body_over_the_limit_is_413(h: Harness) -> None:
     assert h.queue.counts().waiting == 0
 
 
-def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
-    harness = Harness(tmp_path / "data", max_queue=2)
+def test_full_queue_is_429_with_retry_after(make_web: Callable[..., Harness]) -> None:
+    harness = make_web(max_queue=2)
     harness.submit(status=202)
     harness.submit(status=202)
     reply = harness.submit()
@@ -288,8 +303,8 @@ def test_pending_answers_carry_retry_after_and_final_ones_do_not(h: Harness) -> 
     assert "Retry-After" not in h.get(rid).headers
 
 
-def test_long_poll_returns_when_the_worker_announces_the_result(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "data", sync_wait_max=60)
+def test_long_poll_returns_when_the_worker_announces_the_result(make_web: Callable[..., Harness]) -> None:
+    h = make_web(sync_wait_max=60)
     rid = h.submit(status=202).json["request_id"]
 
     def finish() -> None:
@@ -307,8 +322,8 @@ def test_long_poll_returns_when_the_worker_announces_the_result(tmp_path: Path) 
     assert len(h.waiters) == 0
 
 
-def test_long_poll_is_capped_and_answers_the_current_status(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "data", sync_wait_max=0.2)
+def test_long_poll_is_capped_and_answers_the_current_status(make_web: Callable[..., Harness]) -> None:
+    h = make_web(sync_wait_max=0.2)
     rid = h.submit(status=202).json["request_id"]
     with gevent.Timeout(15):
         reply = h.app.get(f"/v1/chat/completions/{rid}?wait=3600", headers={"X-API-Key": API_KEY})

@@ -75,12 +75,15 @@ class InProcessWeb:
         self,
         data_dir: Path,
         *,
+        database_url: str | None = None,
         max_queue: int = 100,
         queue: JobQueue | None = None,
         statuses: StatusStore | None = None,
         **settings: Any,
     ) -> None:
-        self.backend: Backend = open_backend(data_dir=data_dir)
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self.backend: Backend = open_backend(data_dir=data_dir, database_url=database_url)
         self.queue = queue or self.backend.queue
         self.statuses = statuses or self.backend.statuses
         self.signals = RecordingSignals()
