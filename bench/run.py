@@ -47,10 +47,18 @@ from loadgen import (  # noqa: E402
 )
 
 from support.harness import free_port, wait_until  # noqa: E402
+from support.postgres import PostgresServer, server_binaries  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
 QUEUE_TABLE = "ack_queue_jobs"
+# The scale-out issue's targets for the Postgres back end, on this 2-core machine.
+POSTGRES_TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "submit throughput": (">= 1000 req/s", lambda v: v >= 1000),
+    "dispatch latency p50": ("<= 5", lambda v: v <= 5),
+    "slot efficiency": (">= 0.95", lambda v: v >= 0.95),
+    "worker capacity": (">= 1000", lambda v: v >= 1000),
+}
 
 
 def body(key: str = "", delay: float | None = None, content: str = "hello") -> bytes:
@@ -132,15 +140,35 @@ class Service:
     def worker_pid(self) -> int | None:
         lock = self.data_dir / "worker.lock"
         text = lock.read_text().strip() if lock.exists() else ""
-        return int(text) if text.isdigit() else None
+        if text.isdigit():
+            return int(text)
+        if not self.processes:
+            return None
+        # Postgres back end: no lock file; the web process's child is its embedded worker.
+        web = self.processes[0].pid
+        children = Path(f"/proc/{web}/task/{web}/children")
+        found = children.read_text().split() if children.exists() else []
+        return int(found[0]) if found else None
+
+    def _count(self, sqlite_sql: str, postgres_sql: str) -> int:
+        url = self.env_extra.get("DATABASE_URL")
+        if url:
+            import psycopg
+
+            with psycopg.connect(url) as connection:
+                row = connection.execute(postgres_sql).fetchone()
+                return int(row[0]) if row else 0
+        with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
+            return int(db.execute(sqlite_sql).fetchone()[0])
 
     def unfinished(self) -> int:
-        with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
-            return int(db.execute(f"SELECT COUNT(*) FROM {QUEUE_TABLE} WHERE status < 5").fetchone()[0])
+        return self._count(
+            f"SELECT COUNT(*) FROM {QUEUE_TABLE} WHERE status < 5",
+            "SELECT count(*) FROM llm_proxy_jobs WHERE state < 3",
+        )
 
     def queued_rows(self) -> int:
-        with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
-            return int(db.execute(f"SELECT COUNT(*) FROM {QUEUE_TABLE}").fetchone()[0])
+        return self._count(f"SELECT COUNT(*) FROM {QUEUE_TABLE}", "SELECT count(*) FROM llm_proxy_jobs")
 
     def stop(self) -> None:
         for process in self.processes:
@@ -187,6 +215,8 @@ class Bench:
         self.duration = 1.0 if quick else 3.0
         self.rounds = 1 if quick else 5
         self.figures: list[Figure] = []
+        self.postgres: PostgresServer | None = None
+        self.label = ""
         self.upstream, self.upstream_port = start_script(ROOT / "tests" / "support" / "fake_upstream.py")
         self.ceiling, self.ceiling_port = start_script(ROOT / "bench" / "ceiling.py")
 
@@ -194,8 +224,15 @@ class Bench:
         for process in (self.upstream, self.ceiling):
             process.terminate()
             process.wait()
+        if self.postgres is not None:
+            self.postgres.close()
 
     def add(self, figure: Figure) -> None:
+        if self.label:
+            figure.name += self.label
+            if figure.name.split(" [")[0] in POSTGRES_TARGETS:
+                figure.target, meets = POSTGRES_TARGETS[figure.name.split(" [")[0]]
+                figure.met = meets(figure.value)
         self.figures.append(figure)
         print(
             f"  {figure.name}: {figure.value:.4g} {figure.unit}"
@@ -215,6 +252,9 @@ class Bench:
         requests.post(f"http://127.0.0.1:{self.upstream_port}/_reset", timeout=5)
 
     def service(self, **env: str) -> Service:
+        if self.postgres is not None and self.label:
+            # A database of its own per service, so no phase sees another's rows.
+            env = {"DATABASE_URL": self.postgres.new_database(), **env}
         return Service(upstream_port=self.upstream_port, workdir=self.workdir, env_extra=env)
 
     def paired(
@@ -517,6 +557,53 @@ class Bench:
         finally:
             connection.close()
 
+    def on_postgres(self) -> None:
+        """The same figures with DATABASE_URL, against a throwaway server started here with
+        Postgres's durable defaults (fsync and synchronous_commit on), and two workers beside one."""
+        binaries = server_binaries()
+        if binaries is None:
+            print("postgres: no server binaries (apt-get install postgresql); skipped", flush=True)
+            return
+        self.postgres = PostgresServer(binaries)
+        self.label = " [postgres]"
+        try:
+            self.submit_and_status()
+            self.dispatch_latency()
+            self.slot_efficiency()
+            self.worker_capacity()
+            self.two_workers()
+        finally:
+            self.label = ""
+
+    def two_workers(self) -> None:
+        print("two workers against one (MAX_CONCURRENT=200 each, instant upstream)", flush=True)
+        total = 300 if self.quick else 5000
+        rates = []
+        for workers in (1, 2):
+            service = self.service(MAX_CONCURRENT="400", EMBEDDED_WORKER="false")
+            service.start()
+            try:
+                submit_many(service.port, [body() for _ in range(total)], HEADERS, concurrency=32)
+                for _ in range(workers):
+                    service.start("worker")
+                taken = functools.partial(lambda s: s.unfinished() < total, service)
+                drained = functools.partial(lambda s: s.unfinished() == 0, service)
+                wait_until(taken, timeout=30, interval=0.002)
+                started = time.monotonic()
+                remaining = service.unfinished()
+                wait_until(drained, timeout=300, interval=0.01)
+                rates.append(remaining / (time.monotonic() - started))
+            finally:
+                service.stop()
+        self.add(
+            Figure(
+                "two workers / one",
+                rates[1] / rates[0],
+                "",
+                note=f"{rates[0]:.0f} -> {rates[1]:.0f} completions/s; both share this machine's 2 cores",
+            )
+        )
+
     def phases(self) -> dict[str, Callable[[], None]]:
         return {
             "submit": self.submit_and_status,
@@ -525,6 +612,7 @@ class Bench:
             "capacity": self.worker_capacity,
             "footprint": self.footprint,
             "wait": self.wait_mode,
+            "postgres": self.on_postgres,
         }
 
 
@@ -554,7 +642,7 @@ def main() -> int:
         "--only",
         default="",
         help="comma-separated phases: submit (with status), "
-        "dispatch, slots, capacity, footprint; all by default",
+        "dispatch, slots, capacity, footprint, wait, postgres; all by default",
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))

@@ -61,7 +61,9 @@ class Database:
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT,
                 "application_name": name,
-                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                # Only accepting a request waits for its commit to reach the disk (see ``durable``):
+                # anything else lost in a database crash is redone (a lapsed claim runs again).
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=off",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
@@ -95,6 +97,13 @@ class Database:
     @contextlib.contextmanager
     def transaction(self, what: str) -> Iterator[Connection]:
         with self.connection(what) as connection, connection.transaction():
+            yield connection
+
+    @contextlib.contextmanager
+    def durable(self, what: str) -> Iterator[Connection]:
+        """A transaction whose commit waits until it is on disk (and on synchronous standbys)."""
+        with self.transaction(what) as connection:
+            connection.execute("SET LOCAL synchronous_commit = on")
             yield connection
 
     def execute(self, what: str, sql: str, args: Any = None) -> list[TupleRow]:

@@ -24,6 +24,7 @@ from llm_proxy.storage.base import (
     Queued,
     Submitted,
 )
+from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.postgres.database import Connection, Database
 
 CLAIM_LOCK = 7_210_002
@@ -70,15 +71,19 @@ class PostgresJobQueue(JobQueue):
     def __init__(self, database: Database, *, ceiling: int | None = None) -> None:
         self._db = database
         self._ceiling = ceiling
+        # Concurrent submits share one transaction, so one commit to disk covers a batch.
+        self._put = GroupCommit(self._insert_many, "cannot store the job")
 
     def with_ceiling(self, ceiling: int) -> None:
         """The global MAX_CONCURRENT this process's claims respect (set by the worker)."""
         self._ceiling = ceiling
 
     def put(self, job: Job) -> int:
-        with self._db.transaction("cannot store the job") as connection:
-            ticket = self._insert(connection, job)
-        return ticket
+        return self._put(job)
+
+    def _insert_many(self, jobs: list[Job]) -> list[int]:
+        with self._db.durable("cannot store the job") as connection:
+            return [self._insert(connection, job) for job in jobs]
 
     def _insert(self, connection: Connection, job: Job) -> int:
         row = connection.execute(
@@ -89,7 +94,7 @@ class PostgresJobQueue(JobQueue):
 
     def put_once(self, job: Job, key: str) -> Submitted:
         digest = body_digest(job.body)
-        with self._db.transaction("cannot store the job") as connection:
+        with self._db.durable("cannot store the job") as connection:
             # A racing submit with the same key waits here until this one commits, then finds it.
             created = connection.execute(
                 "INSERT INTO llm_proxy_idempotency (owner, key, request_id, body_hash)"

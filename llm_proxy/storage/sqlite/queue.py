@@ -14,6 +14,7 @@ every query is ours, because persist-queue's own were measured to fall short her
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ from llm_proxy.storage.base import (
     StorageUnavailable,
     Submitted,
 )
+from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.sqlite.transactions import (
     BUSY_WAIT,
     OPEN_TIMEOUT,
     PATIENCE,
-    GroupCommit,
     immediate,
     retrying,
 )
@@ -197,9 +198,15 @@ class PersistJobQueue(JobQueue):
                 connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
             self._writer.execute("PRAGMA synchronous = FULL")
             self._claimer.execute("PRAGMA synchronous = NORMAL")
-            self._put = GroupCommit(self._insert, "cannot store the job", patience)
-            self._ack = GroupCommit(self._mark_acked, "cannot ack a job", patience)
-            self._holds = GroupCommit(self._current, "cannot read leases", patience)
+            self._put = GroupCommit(
+                self._insert, "cannot store the job", functools.partial(retrying, patience=patience)
+            )
+            self._ack = GroupCommit(
+                self._mark_acked, "cannot ack a job", functools.partial(retrying, patience=patience)
+            )
+            self._holds = GroupCommit(
+                self._current, "cannot read leases", functools.partial(retrying, patience=patience)
+            )
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from gevent import monkey
 
 from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import StatusStore, StorageUnavailable
-from llm_proxy.storage.sqlite.transactions import BUSY_WAIT, OPEN_TIMEOUT, PATIENCE, GroupCommit, retrying
+from llm_proxy.storage.batching import GroupCommit
+from llm_proxy.storage.sqlite.transactions import BUSY_WAIT, OPEN_TIMEOUT, PATIENCE, retrying
 
 
 class DiskcacheStatusStore(StatusStore):
@@ -42,7 +44,9 @@ class DiskcacheStatusStore(StatusStore):
         self._cache._local = monkey.get_original("_thread", "_local")()
         self._cache._timeout = BUSY_WAIT
         # Status writes from concurrent greenlets share one transaction.
-        self._put = GroupCommit(self._set_all, "cannot store status", patience)
+        self._put = GroupCommit(
+            self._set_all, "cannot store status", functools.partial(retrying, patience=patience)
+        )
 
     def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
         self._put((request_id, entry.to_dict(), ttl))

@@ -12,17 +12,14 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import diskcache
 import gevent
-import gevent.event
 
 from llm_proxy.storage.base import StorageUnavailable
 
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741
-R = TypeVar("R")
 
 OPEN_TIMEOUT = 10.0
 """SQLite busy wait while opening: web and worker may create the same tables at once."""
@@ -62,56 +59,3 @@ def immediate(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
-
-
-class GroupCommit(Generic[I, R]):
-    """Calls from concurrent greenlets share one transaction, so one fsync covers a whole batch.
-
-    The first caller leads: it yields once, letting greenlets that are ready add their items, then
-    runs ``write`` on the batch and hands every caller its result. A call still returns only once
-    its item is committed.
-    """
-
-    def __init__(self, write: Callable[[list[I]], list[R]], what: str, patience: float) -> None:
-        self._write = write
-        self._what = what
-        self._patience = patience
-        self._batch: list[tuple[I, gevent.event.AsyncResult]] = []
-        self._leading = False
-
-    def __call__(self, item: I) -> R:
-        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
-        self._batch.append((item, result))
-        if not self._leading:
-            self._leading = True
-            try:
-                try:
-                    gevent.sleep(0)
-                finally:
-                    # Committed even when this greenlet is killed while it yields (shutdown,
-                    # cancel): the others in the batch are waiting on it.
-                    while self._batch:
-                        batch, self._batch = self._batch, []
-                        self._commit(batch)
-            finally:
-                self._leading = False
-        value: R = result.get()
-        return value
-
-    def _commit(self, batch: list[tuple[I, gevent.event.AsyncResult]]) -> None:
-        items = [item for item, _ in batch]
-        try:
-            values = retrying(self._what, lambda: self._write(items), self._patience)
-        except BaseException as exc:
-            failure = (
-                exc
-                if isinstance(exc, StorageUnavailable)
-                else StorageUnavailable(f"{self._what}: interrupted")
-            )
-            for _, result in batch:
-                result.set_exception(failure)
-            if failure is not exc:
-                raise
-            return
-        for (_, result), value in zip(batch, values, strict=True):
-            result.set(value)
