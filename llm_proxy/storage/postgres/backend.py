@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import psycopg
+import json
 
 from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import (
@@ -20,6 +20,22 @@ from llm_proxy.storage.postgres.queue import PostgresJobQueue
 from llm_proxy.storage.postgres.schema import migrate
 from llm_proxy.storage.postgres.signals import PostgresWebSignals, PostgresWorkerSignals
 from llm_proxy.storage.postgres.statuses import PostgresStatusStore
+
+_FINISH = """
+WITH acked AS (
+    UPDATE llm_proxy_jobs SET state = 3, calling = false, finished_at = now()
+    WHERE ticket = %(ticket)s AND token = %(token)s AND state = 2
+    RETURNING 1
+), status AS (
+    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
+    SELECT %(request_id)s, %(entry)s, now() + make_interval(secs => %(ttl)s) FROM acked
+    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
+), owed AS (
+    INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
+    SELECT %(request_id)s, %(owner)s, %(url)s, %(payload)s FROM acked WHERE %(owes)s
+)
+SELECT count(*) FROM acked
+"""
 
 
 class PostgresBackend(Backend):
@@ -57,15 +73,31 @@ class PostgresBackend(Backend):
         delivery: Delivery | None = None,
         claim: Claim | None = None,
     ) -> bool:
-        # One transaction: the ack (fenced by the lease token), the status and the owed webhook.
-        with self._db.transaction("cannot finish the request") as connection:
-            if claim is not None and not self.queue.ack_in(connection, claim):
-                raise psycopg.Rollback
-            self.statuses.put_in(connection, request_id, entry, ttl)
-            if delivery is not None:
-                self.outbox.owe_in(connection, delivery)
+        stored = json.dumps(entry.to_dict())
+        if claim is None:
+            with self._db.transaction("cannot finish the request") as connection:
+                self.statuses.put_in(connection, request_id, entry, ttl)
+                if delivery is not None:
+                    self.outbox.owe_in(connection, delivery)
             return True
-        return False
+        # One statement, so one round trip and one atomic commit: the ack fenced by the lease
+        # token, and only if it took, the status and the owed webhook.
+        rows = self._db.execute(
+            "cannot finish the request",
+            _FINISH,
+            {
+                "ticket": claim.ticket,
+                "token": claim.lease.token,
+                "request_id": request_id,
+                "entry": stored,
+                "ttl": ttl,
+                "owes": delivery is not None,
+                "owner": delivery.owner if delivery else "",
+                "url": delivery.url if delivery else "",
+                "payload": delivery.payload if delivery else "",
+            },
+        )
+        return bool(rows and rows[0][0])
 
     def keep_key(self, candidate: str) -> tuple[str, bool]:
         with self._db.transaction("cannot keep the generated key") as connection:

@@ -106,6 +106,14 @@ class Database:
             connection.execute("SET LOCAL synchronous_commit = on")
             yield connection
 
+    @contextlib.contextmanager
+    def alone(self, what: str, key: int) -> Iterator[Connection | None]:
+        """A transaction that only one process at a time gets (None for the others): clean-ups
+        run by every worker need not all scan the same rows."""
+        with self.transaction(what) as connection:
+            row = connection.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+            yield connection if row is not None and row[0] else None
+
     def execute(self, what: str, sql: str, args: Any = None) -> list[TupleRow]:
         with self.connection(what) as connection:
             cursor = connection.execute(sql, args)

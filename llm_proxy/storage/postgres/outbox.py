@@ -8,7 +8,7 @@ from llm_proxy.storage.postgres.database import Connection, Database
 
 TAKEN_FOR = 3600.0
 """Seconds a taken delivery belongs to its sender: longer than its whole retry schedule."""
-OUTBOX_CHANNEL = "llm_proxy_outbox"
+COMPACT_LOCK = 7_210_005
 
 
 class PostgresOutbox(Outbox):
@@ -55,10 +55,10 @@ class PostgresOutbox(Outbox):
         return 0
 
     def compact(self) -> int:
-        rows = self._db.execute(
-            "cannot compact the outbox", "DELETE FROM llm_proxy_outbox WHERE state = 2 RETURNING 1"
-        )
-        return len(rows)
+        with self._db.alone("cannot compact the outbox", COMPACT_LOCK) as connection:
+            if connection is None:
+                return 0
+            return int(connection.execute("DELETE FROM llm_proxy_outbox WHERE state = 2").rowcount)
 
     def close(self) -> None:
         """The database is closed by the back end that opened it."""

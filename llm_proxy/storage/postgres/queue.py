@@ -29,19 +29,21 @@ from llm_proxy.storage.postgres.database import Connection, Database
 
 CLAIM_LOCK = 7_210_002
 """pg_advisory_xact_lock key serialising claimers, so two can never both take the last slot."""
+COMPACT_LOCK = 7_210_004
 WORK_CHANNEL = "llm_proxy_work"
 
 _INSERT = """
 INSERT INTO llm_proxy_jobs (request_id, owner, body, submitted_at, relay)
 VALUES (%s, %s, %s, %s, %s) RETURNING ticket
 """
-# Waiting jobs, and claimed ones whose lease lapsed (their worker is gone), oldest first.
+# Waiting jobs, oldest first, along the partial index of waiting rows (claimed jobs whose lease
+# lapsed wait again through ``requeue_lapsed``, which every worker runs every third of a lease).
 _CLAIM = """
 WITH used AS (
     SELECT count(*) AS n FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now()
 ), picked AS MATERIALIZED (
     SELECT ticket, state FROM llm_proxy_jobs
-    WHERE state < 2 OR (state = 2 AND lease_expires_at <= now())
+    WHERE state < 2
     ORDER BY ticket
     LIMIT GREATEST(0, LEAST(%(limit)s, %(ceiling)s - (SELECT n FROM used)))
     FOR UPDATE SKIP LOCKED
@@ -210,13 +212,14 @@ class PostgresJobQueue(JobQueue):
 
     def give_back_slot(self, claim: Claim) -> None:
         """The job's last upstream call was answered: its slot is free for any worker."""
-        with self._db.transaction("cannot give a slot back") as connection:
-            cursor = connection.execute(
-                "UPDATE llm_proxy_jobs SET calling = false WHERE ticket = %s AND token = %s AND calling",
-                (claim.ticket, claim.lease.token),
-            )
-            if cursor.rowcount == 1:
-                connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
+        # One statement (one round trip), notifying only when a slot was really freed.
+        self._db.execute(
+            "cannot give a slot back",
+            "WITH freed AS (UPDATE llm_proxy_jobs SET calling = false"
+            " WHERE ticket = %s AND token = %s AND calling RETURNING 1)"
+            " SELECT pg_notify(%s, '') FROM freed",
+            (claim.ticket, claim.lease.token, WORK_CHANNEL),
+        )
 
     def release(self, claim: Claim) -> bool:
         with self._db.transaction("cannot release the job") as connection:
@@ -277,7 +280,9 @@ class PostgresJobQueue(JobQueue):
         return QueueCounts(waiting=int(waiting), in_flight=int(in_flight))
 
     def compact(self) -> int:
-        with self._db.transaction("cannot compact the job queue") as connection:
+        with self._db.alone("cannot compact the job queue", COMPACT_LOCK) as connection:
+            if connection is None:
+                return 0
             connection.execute(
                 "DELETE FROM llm_proxy_idempotency WHERE created_at < now() - make_interval(secs => %s)",
                 (IDEMPOTENCY_WINDOW,),

@@ -9,6 +9,7 @@ from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import StatusStore
 from llm_proxy.storage.postgres.database import Connection, Database
 
+PURGE_LOCK = 7_210_003
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 _UPSERT = """
 INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
@@ -59,11 +60,12 @@ class PostgresStatusStore(StatusStore):
             return changed
 
     def purge_expired(self) -> int:
-        rows = self._db.execute(
-            "cannot purge statuses",
-            "DELETE FROM llm_proxy_statuses WHERE expires_at <= now() RETURNING 1",
-        )
-        return len(rows)
+        with self._db.alone("cannot purge statuses", PURGE_LOCK) as connection:
+            if connection is None:
+                return 0
+            return int(
+                connection.execute("DELETE FROM llm_proxy_statuses WHERE expires_at <= now()").rowcount
+            )
 
     def close(self) -> None:
         """The database is closed by the back end that opened it."""

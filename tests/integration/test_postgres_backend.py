@@ -1,0 +1,76 @@
+"""What only the Postgres back end has: its schema set-up, its URLs, clean-ups run by one process at
+a time, and the ceiling counted across processes in the claiming transaction."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gevent
+import psycopg
+import pytest
+
+from llm_proxy.domain.job import Job
+from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.storage.base import DatabaseUnusable
+from llm_proxy.storage.factory import open_backend
+from llm_proxy.storage.postgres.database import Database, normalized_url, redacted
+from llm_proxy.storage.postgres.schema import MIGRATIONS, migrate
+from llm_proxy.storage.postgres.statuses import PURGE_LOCK
+
+
+def test_urls_are_normalised_and_passwords_never_shown() -> None:
+    assert (
+        normalized_url("postgres://u:p@h:5432/d?sslmode=require")
+        == "postgresql://u:p@h:5432/d?sslmode=require"
+    )
+    with pytest.raises(DatabaseUnusable):
+        normalized_url("mysql://u:p@h/d")
+    text = "connection to postgresql://u:s3cret@h/d failed; password=s3cret"
+    assert "s3cret" not in redacted(text, "postgresql://u:s3cret@h/d")
+
+
+def test_migrations_run_once_however_many_processes_start_together(database_url: str) -> None:
+    databases = [Database(database_url, pool_size=1) for _ in range(4)]
+    try:
+        greenlets = [gevent.spawn(migrate, db) for db in databases]
+        gevent.joinall(greenlets, raise_error=True)
+        assert {g.value for g in greenlets} == {len(MIGRATIONS)}
+        assert migrate(databases[0]) == len(MIGRATIONS)
+    finally:
+        for db in databases:
+            db.close()
+
+
+def test_expired_results_are_purged_by_one_process_at_a_time(database_url: str, tmp_path: Path) -> None:
+    backend = open_backend(data_dir=tmp_path, database_url=database_url)
+    try:
+        entry = StatusEntry(status=Status.COMPLETED, request_json="{}", owner="o", timestamp=1)
+        backend.statuses.put("old", entry, ttl=0.01)
+        time.sleep(0.1)
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", (PURGE_LOCK,))
+            assert backend.statuses.purge_expired() == 0  # another process is purging
+            other.execute("SELECT pg_advisory_unlock(%s)", (PURGE_LOCK,))
+        assert backend.statuses.purge_expired() == 1
+    finally:
+        backend.close()
+
+
+def test_claims_from_several_processes_share_one_ceiling(database_url: str, tmp_path: Path) -> None:
+    workers = [open_backend(data_dir=tmp_path / str(i), database_url=database_url) for i in range(4)]
+    try:
+        for worker in workers:
+            worker.concurrency_limit(3)
+        for i in range(20):
+            workers[0].queue.put(Job(request_id=f"chatreq_{i:020d}", body={}, owner="o"))
+        greenlets = [
+            gevent.spawn(w.queue.claim_many, 3, holder=f"w{n}", lease_seconds=60)
+            for n, w in enumerate(workers)
+        ]
+        gevent.joinall(greenlets, raise_error=True)
+        # However the claims interleave, three calls at most run at once across all workers.
+        assert sum(len(g.value) for g in greenlets) == 3
+    finally:
+        for worker in workers:
+            worker.close()
