@@ -272,12 +272,10 @@ class PostgresJobQueue(JobQueue):
 
     def counts(self) -> QueueCounts:
         rows = self._db.execute(
-            "cannot read the job queue",
-            "SELECT (SELECT count(*) FROM llm_proxy_jobs WHERE state < 2),"
-            " (SELECT count(*) FROM llm_proxy_jobs WHERE state = 2)",
+            "cannot read the job queue", "SELECT name, sum(n) FROM llm_proxy_counts GROUP BY name"
         )
-        waiting, in_flight = rows[0]
-        return QueueCounts(waiting=int(waiting), in_flight=int(in_flight))
+        found = {str(name): int(n) for name, n in rows}
+        return QueueCounts(waiting=found.get("waiting", 0), in_flight=found.get("in_flight", 0))
 
     def compact(self) -> int:
         with self._db.alone("cannot compact the job queue", COMPACT_LOCK) as connection:

@@ -58,6 +58,35 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX llm_proxy_outbox_owed ON llm_proxy_outbox (id) WHERE state < 2;
     CREATE TABLE llm_proxy_settings (name text PRIMARY KEY, value text NOT NULL);
     """,
+    # Waiting and in-flight counts kept by a trigger, so a submit does not count the whole backlog.
+    # Spread over 16 rows per count (by server process), so concurrent writers rarely wait on one.
+    """
+    CREATE TABLE llm_proxy_counts (
+        name text NOT NULL, shard integer NOT NULL, n bigint NOT NULL, PRIMARY KEY (name, shard)
+    );
+    INSERT INTO llm_proxy_counts
+        SELECT 'waiting', 0, count(*) FROM llm_proxy_jobs WHERE state < 2
+        UNION ALL SELECT 'in_flight', 0, count(*) FROM llm_proxy_jobs WHERE state = 2;
+    CREATE FUNCTION llm_proxy_bucket(state smallint) RETURNS text LANGUAGE sql IMMUTABLE AS
+        $$ SELECT CASE WHEN state < 2 THEN 'waiting' WHEN state = 2 THEN 'in_flight' END $$;
+    CREATE FUNCTION llm_proxy_bump(bucket text, delta integer) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO llm_proxy_counts VALUES (bucket, pg_backend_pid() % 16, delta)
+        ON CONFLICT (name, shard) DO UPDATE SET n = llm_proxy_counts.n + excluded.n
+    $$;
+    CREATE FUNCTION llm_proxy_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        was text := CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE llm_proxy_bucket(OLD.state) END;
+        now_in text := CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE llm_proxy_bucket(NEW.state) END;
+    BEGIN
+        IF was IS DISTINCT FROM now_in THEN
+            IF was IS NOT NULL THEN PERFORM llm_proxy_bump(was, -1); END IF;
+            IF now_in IS NOT NULL THEN PERFORM llm_proxy_bump(now_in, 1); END IF;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER llm_proxy_count AFTER INSERT OR DELETE OR UPDATE OF state ON llm_proxy_jobs
+        FOR EACH ROW EXECUTE FUNCTION llm_proxy_count();
+    """,
 )
 
 
