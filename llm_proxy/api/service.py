@@ -174,19 +174,21 @@ class RequestService:
             return Ended(entry)
         if entry.status is Status.CANCELLED:
             return found
+        cancelled = StatusEntry(
+            status=Status.CANCELLED,
+            request_json=entry.request_json,
+            owner=entry.owner,
+            timestamp=now_ms(),
+            attempts=entry.attempts,
+        )
+        # Still waiting: it leaves the queue with its final status in one step.
+        final = self._finalizer.finish(request_id, cancelled, webhook_url=_webhook_url(entry), withdraw=True)
+        if final is not None:
+            return Found(final, None)
         outcome = self._queue.cancel(request_id)
         if outcome is CancelResult.WITHDRAWN:
-            final = self._finalizer.finish(
-                request_id,
-                StatusEntry(
-                    status=Status.CANCELLED,
-                    request_json=entry.request_json,
-                    owner=entry.owner,
-                    timestamp=now_ms(),
-                    attempts=entry.attempts,
-                ),
-                webhook_url=_webhook_url(entry),
-            )
+            # Put back among the waiting ones in the meantime (its worker stopped): ended here.
+            final = self._finalizer.finish(request_id, cancelled, webhook_url=_webhook_url(entry))
             return Found(final or entry, None)
         if outcome is CancelResult.SIGNALLED:
             if self._signals is not None:

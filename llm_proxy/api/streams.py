@@ -56,8 +56,8 @@ def stream_answer(
                     yield item
                     continue
                 found = service.lookup_quietly(request_id)
-                if found is not None and found.entry.status.final and not relayed:
-                    break  # finished without a relay (none could be opened): told below
+                if found is not None and found.entry.status.final:
+                    break  # finished, and the relay's end (or the whole relay) went missing: told below
                 # Comments keep proxies (Heroku's router cuts at 30 s of silence) from closing it.
                 yield b": keep-alive\n\n"
             found = service.await_final(request_id, wait_max)

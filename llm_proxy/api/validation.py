@@ -116,6 +116,8 @@ def webhook_url(value: Any) -> str:
     """An absolute http(s) URL with a host and no credentials."""
     if not isinstance(value, str) or len(value) > 2048:
         raise Invalid("expected an absolute http(s) URL")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise Invalid("must not contain control characters")
     try:
         parts = urlsplit(value)
         hostname = parts.hostname

@@ -46,6 +46,7 @@ class Finalizer:
         *,
         webhook_url: str | None,
         claim: Claim | None = None,
+        withdraw: bool = False,
     ) -> StatusEntry | None:
         """Store ``entry`` (a final status) for ``result_ttl``, owe its webhook, ack the claim, and
         tell whoever waits. With a claim whose lease is no longer current nothing is written and
@@ -58,8 +59,12 @@ class Finalizer:
             webhook=WebhookProgress() if owes else None,
         )
         delivery = _delivery(request_id, final, webhook_url) if owes and webhook_url else None
-        if not self._backend.finish(request_id, final, ttl=self._result_ttl, delivery=delivery, claim=claim):
-            log.warning("request %s: lease lost before finishing; its new holder finishes it", request_id)
+        finished = self._backend.finish(
+            request_id, final, ttl=self._result_ttl, delivery=delivery, claim=claim, withdraw=withdraw
+        )
+        if not finished:
+            if claim is not None:
+                log.warning("request %s: lease lost before finishing; its new holder finishes it", request_id)
             return None
         self._announce(request_id)
         if self._metrics is not None:

@@ -145,8 +145,9 @@ class JobQueue(ABC):
 
     @abstractmethod
     def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
-        """Extend the leases of these claims that are still current; return their (ticket, token)
-        pairs. A claim missing from the answer is lost: its job may be another worker's now."""
+        """Extend the leases of these claims that are still current and not lapsed; return their
+        (ticket, token) pairs. A claim missing from the answer is lost: its job may be another
+        worker's now (a lapsed lease's slot may already be counted as free)."""
 
     @abstractmethod
     def holds(self, claim: Claim) -> bool:
@@ -164,8 +165,9 @@ class JobQueue(ABC):
 
     @abstractmethod
     def requeue_lapsed(self, before: float) -> int:
-        """Jobs whose lease ends before ``before`` (seconds since the epoch) wait again: their
-        holder is gone. Returns how many."""
+        """Jobs whose lease ended wait again: their holder is gone. ``before`` is the caller's
+        time.time(), or infinity when every holder is known gone; a back end whose leases are
+        stamped by a server clock may judge by that clock instead. Returns how many."""
 
     @abstractmethod
     def counts(self) -> QueueCounts:
@@ -391,12 +393,14 @@ class Backend(ABC):
         ttl: float,
         delivery: Delivery | None = None,
         claim: Claim | None = None,
+        withdraw: bool = False,
     ) -> bool:
         """End a request: store its final ``entry`` for ``ttl`` seconds, owe its webhook
-        ``delivery``, and ack its ``claim`` (none when the web cancelled a waiting job), committed
-        together where the back end can, else in that order (a crash in between leaves the claim to
-        lapse, and the job's next holder completes what is missing). With a claim whose lease is no
-        longer current nothing changes and False is returned."""
+        ``delivery``, and ack its ``claim``, committed together where the back end can, else in that
+        order (a crash in between leaves the claim to lapse, and the job's next holder completes
+        what is missing). With a claim whose lease is no longer current nothing changes and False is
+        returned. With ``withdraw`` (the web cancelling a job that waits, no claim) the job leaves
+        the queue in the same step; False, and nothing changes, when it no longer waits."""
 
     @abstractmethod
     def keep_key(self, candidate: str) -> tuple[str, bool]:

@@ -164,18 +164,25 @@ class Dispatcher:
         renewing fails until the leases are about to lapse, every job stops, so that a worker cut
         off from its store never goes on calling the upstream for jobs another worker may take.
         Stopped jobs' leases then lapse and the jobs wait again."""
-        period = self._settings.lease_seconds / 3
+        lease = self._settings.lease_seconds
+        period = lease / 3
         renewed_at = time.monotonic()
-        while not self._stopped.wait(period):
+        wait = period
+        while not self._stopped.wait(wait):
             # Only jobs claimed before the renewal can be judged by its answer.
             running = list(self._running.values())
+            asked_at = time.monotonic()
             try:
-                held = self._queue.renew([claim for _, claim in running], self._settings.lease_seconds)
-                renewed_at = time.monotonic()
+                # A renewal that hangs counts as failed well before the leases lapse.
+                with gevent.Timeout(period, StorageUnavailable("renewing leases took too long")):
+                    held = self._queue.renew([claim for _, claim in running], lease)
+                renewed_at, wait = asked_at, period
                 self._queue.requeue_lapsed(time.time())
             except StorageUnavailable as exc:
                 log.error("cannot renew leases: %s", exc)
-                if time.monotonic() - renewed_at < self._settings.lease_seconds - period:
+                # Retry soon; stop every job once the leases are within a period of lapsing.
+                wait = min(1.0, period)
+                if time.monotonic() - renewed_at < lease - period:
                     continue
                 held = set()
             for greenlet, claim in running:

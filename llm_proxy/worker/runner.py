@@ -25,6 +25,9 @@ from llm_proxy.worker.retry import Finish, RetryAfter, RetryPolicy, decide, exha
 
 log = logging.getLogger("llm_proxy.worker")
 
+FINISH_RETRY_FIRST = 0.2
+FINISH_RETRY_MAX = 5.0
+
 
 class Upstream(Protocol):
     def complete(self, body: dict[str, Any]) -> Outcome: ...
@@ -197,12 +200,23 @@ class JobRunner:
             relay.close()
 
     def _finish(self, claim: Claim, status: Status, **fields: Any) -> None:
-        self._finalizer.finish(
-            claim.job.request_id,
-            entry_for(claim.job, status, **fields),
-            webhook_url=claim.job.webhook_url,
-            claim=claim,
-        )
+        """Store the end, retrying while the store is unavailable: the result (a paid upstream
+        answer, say) is kept rather than the job run again. Retries end when the lease is lost
+        (the dispatcher then kills this greenlet) or the worker stops."""
+        entry = entry_for(claim.job, status, **fields)
+        delay = FINISH_RETRY_FIRST
+        while True:
+            try:
+                self._finalizer.finish(
+                    claim.job.request_id, entry, webhook_url=claim.job.webhook_url, claim=claim
+                )
+                return
+            except StorageUnavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("request %s: cannot store its end yet, retrying: %s", claim.job.request_id, exc)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, FINISH_RETRY_MAX)
 
     def _attempts_of(self, job: Job) -> int:
         entry = self._statuses.get(job.request_id)

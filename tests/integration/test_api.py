@@ -373,3 +373,20 @@ def test_headers_that_are_not_utf8_are_refused_not_crashed(h: Harness) -> None:
         status="*",
     )
     assert reply.status_int == 202
+
+
+def test_cancelling_a_waiting_request_ends_it_at_once_and_for_good(h: Harness) -> None:
+    rid = h.submit(body("never sent", webhookUrl="https://example.com/hook"), status=202).json["request_id"]
+    other = h.app.delete(f"/v1/chat/completions/{rid}", headers={"X-API-Key": OTHER_KEY}, status="*")
+    assert other.status_int == 404  # another key's request is not found
+    reply = h.app.delete(f"/v1/chat/completions/{rid}", headers={"X-API-Key": API_KEY}, status="*")
+    assert reply.status_int == 200 and reply.json["status"] == "cancelled"
+    assert reply.json["webhook"] == {"state": "pending", "attempts": 0}
+    # Out of the queue and final, in the same step: no worker can take it, its status stays.
+    assert claim_one(h.queue) is None and h.queue.counts() == (0, 0)
+    h.queue.compact()
+    assert h.get(rid).json["status"] == "cancelled"
+    again = h.app.delete(f"/v1/chat/completions/{rid}", headers={"X-API-Key": API_KEY}, status="*")
+    assert again.status_int == 200 and again.json["status"] == "cancelled"
+    taken = h.backend.outbox.take(10)
+    assert [t.delivery.request_id for t in taken] == [rid]

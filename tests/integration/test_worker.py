@@ -304,6 +304,25 @@ def test_calls_stop_when_leases_cannot_be_renewed_and_resume_once_they_can(
     assert rig.upstream.calls == ["a", "a"]
 
 
+def test_a_result_is_kept_while_the_store_cannot_take_it_yet(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    finish = rig.backend.finish
+    failures = [StorageUnavailable("database is locked")] * 2
+
+    def flaky_finish(*args: Any, **kwargs: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return finish(*args, **kwargs)
+
+    rig.backend.finish = flaky_finish  # type: ignore[method-assign]
+    rig.submit("a")
+    rig.start()
+    entry = rig.final("a")
+    # Stored once the store took it: the upstream's answer was not thrown away and asked again.
+    assert entry.status is Status.COMPLETED and entry.attempts == 1
+    assert rig.upstream.calls == ["a"] and failures == []
+
+
 def test_graceful_stop_puts_unfinished_work_back_without_counting_it(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(shutdown_timeout=0.2)
     rig.upstream.gate.clear()

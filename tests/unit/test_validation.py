@@ -107,6 +107,8 @@ def test_every_message_form_is_accepted(message: dict[str, Any]) -> None:
         ("webhookUrl", "ftp://example.com/", "webhookUrl"),
         ("webhookUrl", "https:///nohost", "webhookUrl"),
         ("webhookUrl", "https://user:pw@example.com/", "webhookUrl"),
+        ("webhookUrl", "https://example.com/\u0000", "webhookUrl"),
+        ("webhookUrl", "https://example.com/a\nb", "webhookUrl"),
         ("webhookUrl", "http://example.com:99999/", "webhookUrl"),
     ],
 )

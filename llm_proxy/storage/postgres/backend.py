@@ -37,6 +37,12 @@ WITH acked AS (
 SELECT count(*) FROM acked
 """
 
+# The web cancelling a waiting job: out of the queue, with its final status, at once.
+_WITHDRAW = _FINISH.replace(
+    "WHERE ticket = %(ticket)s AND token = %(token)s AND state = 2",
+    "WHERE request_id = %(request_id)s AND state < 2",
+)
+
 
 class PostgresBackend(Backend):
     def __init__(self, url: str, *, pool_size: int) -> None:
@@ -72,9 +78,10 @@ class PostgresBackend(Backend):
         ttl: float,
         delivery: Delivery | None = None,
         claim: Claim | None = None,
+        withdraw: bool = False,
     ) -> bool:
         stored = json.dumps(entry.to_dict())
-        if claim is None:
+        if claim is None and not withdraw:
             with self._db.transaction("cannot finish the request") as connection:
                 self.statuses.put_in(connection, request_id, entry, ttl)
                 if delivery is not None:
@@ -84,10 +91,10 @@ class PostgresBackend(Backend):
         # token, and only if it took, the status and the owed webhook.
         rows = self._db.execute(
             "cannot finish the request",
-            _FINISH,
+            _WITHDRAW if claim is None else _FINISH,
             {
-                "ticket": claim.ticket,
-                "token": claim.lease.token,
+                "ticket": claim.ticket if claim else 0,
+                "token": claim.lease.token if claim else 0,
                 "request_id": request_id,
                 "entry": stored,
                 "ttl": ttl,

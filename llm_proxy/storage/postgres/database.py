@@ -27,6 +27,8 @@ POOL_WAIT = 3.0
 gone, never hangs."""
 CONNECT_TIMEOUT = 3
 STATEMENT_TIMEOUT_MS = 5000
+IDLE_IN_TRANSACTION_MS = 10000
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -63,11 +65,11 @@ class Database:
                 "application_name": name,
                 # Only accepting a request waits for its commit to reach the disk (see ``durable``):
                 # anything else lost in a database crash is redone (a lapsed claim runs again).
-                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=off",
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=off"
+                # A client that vanished inside a transaction must not keep its locks (the claim
+                # lock stops every worker's claims) until TCP notices.
+                f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+                **KEEPALIVES,
             },
         )
         try:
@@ -121,7 +123,12 @@ class Database:
 
     def direct(self) -> Connection:
         """A connection of its own, outside the pool (for LISTEN)."""
-        return psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        return psycopg.connect(
+            f"{self._url}{'&' if '?' in self._url else '?'}"
+            + "&".join(f"{name}={value}" for name, value in KEEPALIVES.items()),
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
 
     def close(self) -> None:
         self._pool.close()

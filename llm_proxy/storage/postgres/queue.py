@@ -182,7 +182,8 @@ class PostgresJobQueue(JobQueue):
         rows = self._db.execute(
             "cannot renew leases",
             "UPDATE llm_proxy_jobs SET lease_expires_at = now() + make_interval(secs => %s)"
-            " WHERE state = 2 AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+            " WHERE state = 2 AND lease_expires_at > now()"
+            " AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
             " RETURNING ticket, token",
             (lease_seconds, [c.ticket for c in claims], [c.lease.token for c in claims]),
         )
@@ -233,10 +234,8 @@ class PostgresJobQueue(JobQueue):
             return cursor.rowcount == 1
 
     def requeue_lapsed(self, before: float) -> int:
-        if math.isinf(before):
-            condition, args = "true", ()
-        else:
-            condition, args = "lease_expires_at < to_timestamp(%s)", (before,)  # type: ignore[assignment]
+        # The database's clock, not the caller's: leases are stamped by it.
+        condition, args = ("true", ()) if math.isinf(before) else ("lease_expires_at < now()", ())
         rows = self._db.execute(
             "cannot requeue lapsed jobs",
             "UPDATE llm_proxy_jobs SET state = 1, holder = NULL, calling = false"  # noqa: S608 - constant

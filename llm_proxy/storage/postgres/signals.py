@@ -74,6 +74,8 @@ class Listener:
                 while not self._closed.is_set():
                     for notification in connection.notifies(timeout=5.0):
                         self._on_message(notification.channel, notification.payload)
+                    # A quiet connection may be a dead one (a silent drop): ask it.
+                    connection.execute("SELECT 1")
             except psycopg.Error as exc:
                 if not self._closed.is_set():
                     log.warning("notification connection lost (%s); reconnecting", type(exc).__name__)

@@ -42,7 +42,7 @@ class EmbeddedBackend(Backend):
             raise StorageUnavailable(f"cannot create DATA_DIR {data_dir}: {exc}") from exc
         selfcheck.check(data_dir)
         self.data_dir = data_dir
-        self.queue = PersistJobQueue(data_dir / "queue")
+        self.queue: PersistJobQueue = PersistJobQueue(data_dir / "queue")
         self.statuses = DiskcacheStatusStore(data_dir / "status")
         self.outbox = SqliteOutbox(data_dir / "outbox")
         self._lock: IO[str] | None = None
@@ -69,10 +69,13 @@ class EmbeddedBackend(Backend):
         ttl: float,
         delivery: Delivery | None = None,
         claim: Claim | None = None,
+        withdraw: bool = False,
     ) -> bool:
         # Three files, so three commits, in the crash-safe order. The lease check and the writes
         # cannot interleave with another consumer's: the lock admits one.
         if claim is not None and not self.queue.holds(claim):
+            return False
+        if withdraw and not self.queue.withdraw(request_id):
             return False
         self.statuses.put(request_id, entry, ttl=ttl)
         if delivery is not None:

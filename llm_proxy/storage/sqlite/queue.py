@@ -146,7 +146,7 @@ _HOLDING = (
 )
 _RENEW = f"""
 UPDATE {TABLE}_leases SET expires_at = :expires_at
-WHERE ticket = :ticket AND token = :token
+WHERE ticket = :ticket AND token = :token AND expires_at >= :now
     AND EXISTS (SELECT 1 FROM {TABLE} WHERE _id = :ticket AND status = {IN_FLIGHT})
 """
 # In flight without a live lease: its holder is gone (rows claimed before leases existed count too).
@@ -298,7 +298,12 @@ class PersistJobQueue(JobQueue):
             held = set()
             with immediate(self._claimer) as connection:
                 for claim in claims:
-                    args = {"ticket": claim.ticket, "token": claim.lease.token, "expires_at": expires_at}
+                    args = {
+                        "ticket": claim.ticket,
+                        "token": claim.lease.token,
+                        "expires_at": expires_at,
+                        "now": time.time(),
+                    }
                     if connection.execute(_RENEW, args).rowcount == 1:
                         held.add((claim.ticket, claim.lease.token))
             return held
@@ -369,6 +374,23 @@ class PersistJobQueue(JobQueue):
                 return CancelResult.SIGNALLED
 
         return retrying("cannot cancel the job", mark, self._patience)
+
+    def withdraw(self, request_id: str) -> bool:
+        """Take a waiting job out of the queue (it will never be handed out); False if it does not
+        wait. For the back end's ``finish``: the API cancels through ``cancel``."""
+
+        def take_out() -> bool:
+            with immediate(self._writer) as connection:
+                return (
+                    connection.execute(
+                        f"UPDATE {TABLE} SET status = {ACKED} WHERE status < {IN_FLIGHT}"
+                        f" AND _id = (SELECT ticket FROM {TABLE}_ids WHERE request_id = ?)",
+                        (request_id,),
+                    ).rowcount
+                    == 1
+                )
+
+        return retrying("cannot withdraw the job", take_out, self._patience)
 
     def cancel_requested(self, request_id: str) -> bool:
         return self._scalar(f"SELECT 1 FROM {TABLE}_cancels WHERE request_id = ?", (request_id,)) is not None
