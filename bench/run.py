@@ -95,6 +95,8 @@ class Service:
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    counter: Any = None
+    """The Postgres connection that counts unfinished requests (one for the service's life)."""
 
     @property
     def data_dir(self) -> Path:
@@ -153,24 +155,30 @@ class Service:
     def _count(self, sqlite_sql: str, postgres_sql: str) -> int:
         url = self.env_extra.get("DATABASE_URL")
         if url:
-            import psycopg
+            # One connection kept for the polling: a new one per poll (a server process forked each
+            # time) would take this 2-core machine's CPU from the service being measured.
+            if self.counter is None:
+                import psycopg
 
-            with psycopg.connect(url) as connection:
-                row = connection.execute(postgres_sql).fetchone()
-                return int(row[0]) if row else 0
+                self.counter = psycopg.connect(url, autocommit=True)
+            row = self.counter.execute(postgres_sql).fetchone()
+            return int(row[0]) if row else 0
         with sqlite3.connect(str(self.data_dir / "queue" / "data.db"), timeout=5) as db:
             return int(db.execute(sqlite_sql).fetchone()[0])
 
     def unfinished(self) -> int:
         return self._count(
             f"SELECT COUNT(*) FROM {QUEUE_TABLE} WHERE status < 5",
-            "SELECT count(*) FROM llm_proxy_jobs WHERE state < 3",
+            "SELECT coalesce(sum(n), 0) FROM llm_proxy_counts",
         )
 
     def queued_rows(self) -> int:
         return self._count(f"SELECT COUNT(*) FROM {QUEUE_TABLE}", "SELECT count(*) FROM llm_proxy_jobs")
 
     def stop(self) -> None:
+        if self.counter is not None:
+            self.counter.close()
+            self.counter = None
         for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
