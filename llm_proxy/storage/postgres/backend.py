@@ -33,8 +33,11 @@ WITH acked AS (
 ), owed AS (
     INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
     SELECT %(request_id)s, %(owner)s, %(url)s, %(payload)s FROM acked WHERE %(owes)s
+), freed AS (
+    -- Its slot is free now: wake the workers waiting for one.
+    SELECT pg_notify('llm_proxy_work', '') FROM acked LIMIT 1
 )
-SELECT count(*) FROM acked
+SELECT (SELECT count(*) FROM acked), (SELECT count(*) FROM freed)
 """
 
 # The web cancelling a waiting job: out of the queue, with its final status, at once.

@@ -1,43 +1,31 @@
-"""The networked back end's ceiling: counted in the claiming transaction (see ``queue``); here,
-this worker's own bound, and the early give-back of a slot once a job's last call is answered."""
+"""The networked back end's ceiling: counted in the claiming transaction (see ``queue``): a
+claimed job's slot is taken until the job is finished or put back, which free it in the same
+statement and wake the workers. Here, only this worker's own bound."""
 
 from __future__ import annotations
 
-import logging
-
 import gevent.lock
 
-from llm_proxy.storage.base import Claim, ConcurrencyLimit, Slot, StorageUnavailable
+from llm_proxy.storage.base import Claim, ConcurrencyLimit, Slot
 from llm_proxy.storage.postgres.queue import PostgresJobQueue
 
-log = logging.getLogger("llm_proxy.postgres")
 
-
-class _SharedSlot(Slot):
-    def __init__(
-        self, semaphore: gevent.lock.BoundedSemaphore, queue: PostgresJobQueue, claim: Claim
-    ) -> None:
+class _LocalSlot(Slot):
+    def __init__(self, semaphore: gevent.lock.BoundedSemaphore) -> None:
         self._semaphore = semaphore
-        self._queue = queue
-        self._claim = claim
         self._held = True
 
     def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        self._semaphore.release()
-        try:
-            self._queue.give_back_slot(self._claim)
-        except StorageUnavailable as exc:
-            # The slot frees anyway when the job is acked or its lease lapses.
-            log.warning("cannot give a slot back early: %s", exc)
+        # The shared slot is freed by the job's finish (or put-back) a moment later: one round
+        # trip per job fewer than freeing it here.
+        if self._held:
+            self._held = False
+            self._semaphore.release()
 
 
 class SharedLimit(ConcurrencyLimit):
     def __init__(self, max_concurrent: int, queue: PostgresJobQueue) -> None:
         self._slots = gevent.lock.BoundedSemaphore(max_concurrent)
-        self._queue = queue
         queue.with_ceiling(max_concurrent)
 
     def free(self, timeout: float) -> int:
@@ -47,4 +35,4 @@ class SharedLimit(ConcurrencyLimit):
 
     def hold(self, claim: Claim) -> Slot:
         self._slots.acquire()
-        return _SharedSlot(self._slots, self._queue, claim)
+        return _LocalSlot(self._slots)

@@ -211,17 +211,6 @@ class PostgresJobQueue(JobQueue):
         )
         return cursor.rowcount == 1
 
-    def give_back_slot(self, claim: Claim) -> None:
-        """The job's last upstream call was answered: its slot is free for any worker."""
-        # One statement (one round trip), notifying only when a slot was really freed.
-        self._db.execute(
-            "cannot give a slot back",
-            "WITH freed AS (UPDATE llm_proxy_jobs SET calling = false"
-            " WHERE ticket = %s AND token = %s AND calling RETURNING 1)"
-            " SELECT pg_notify(%s, '') FROM freed",
-            (claim.ticket, claim.lease.token, WORK_CHANNEL),
-        )
-
     def release(self, claim: Claim) -> bool:
         with self._db.transaction("cannot release the job") as connection:
             cursor = connection.execute(
