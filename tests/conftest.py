@@ -166,7 +166,7 @@ class Service:
         text = lock.read_text().strip() if lock.exists() else ""
         if text.isdigit():
             return [int(text)]
-        if self.process is None:
+        if self.process is None or "DATABASE_URL" not in self.env:
             return []
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in children.read_text().split()] if children.exists() else []

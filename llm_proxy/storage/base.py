@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
@@ -106,6 +106,14 @@ class CancelResult(Enum):
     """It is not in the queue (finished, or never there)."""
 
 
+@dataclass(frozen=True)
+class Renewal:
+    held: set[tuple[int, int]]
+    """(ticket, token) of the claims still held."""
+    cancelled: set[int] = field(default_factory=set)
+    """Tickets among them whose cancel is recorded."""
+
+
 class QueueCounts(NamedTuple):
     waiting: int
     in_flight: int
@@ -144,10 +152,11 @@ class JobQueue(ABC):
         of ``holder`` (in one step: one commit for all)."""
 
     @abstractmethod
-    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
-        """Extend the leases of these claims that are still current and not lapsed; return their
-        (ticket, token) pairs. A claim missing from the answer is lost: its job may be another
-        worker's now (a lapsed lease's slot may already be counted as free)."""
+    def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:
+        """Extend the leases of these claims that are still current and not lapsed. A claim missing
+        from ``held`` is lost: its job may be another worker's now (a lapsed lease's slot may
+        already be counted as free). ``cancelled`` names the held ones with a cancel recorded, so
+        a cancel whose signal was lost still reaches its worker."""
 
     @abstractmethod
     def holds(self, claim: Claim) -> bool:
@@ -188,8 +197,12 @@ class StatusStore(ABC):
     """Status entries keyed by request id. Entries without a ttl never expire nor get evicted."""
 
     @abstractmethod
-    def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
-        """Store (replace) the entry; with a ttl it disappears that many seconds from now."""
+    def put(
+        self, request_id: str, entry: StatusEntry, ttl: float | None = None, *, claim: Claim | None = None
+    ) -> None:
+        """Store (replace) the entry; with a ttl it disappears that many seconds from now. With a
+        ``claim`` (a worker writing a job's progress), only while its lease is current: a worker
+        whose job another one holds cannot overwrite that one's status."""
 
     @abstractmethod
     def get(self, request_id: str) -> StatusEntry | None: ...

@@ -175,8 +175,12 @@ class Dispatcher:
             try:
                 # A renewal that hangs counts as failed well before the leases lapse.
                 with gevent.Timeout(period, StorageUnavailable("renewing leases took too long")):
-                    held = self._queue.renew([claim for _, claim in running], lease)
+                    renewal = self._queue.renew([claim for _, claim in running], lease)
+                held = renewal.held
                 renewed_at, wait = asked_at, period
+                for _, claim in running:
+                    if claim.ticket in renewal.cancelled:
+                        self.cancel(claim.job.request_id)
                 self._queue.requeue_lapsed(time.time())
             except StorageUnavailable as exc:
                 log.error("cannot renew leases: %s", exc)

@@ -142,14 +142,18 @@ class JobRunner:
                 raise Cancelled
             attempts += 1
             # Stored before the call, so a crash during it counts as an attempt.
-            self._statuses.put(job.request_id, entry_for(job, Status.PROCESSING, attempts=attempts))
+            self._statuses.put(
+                job.request_id, entry_for(job, Status.PROCESSING, attempts=attempts), claim=claim
+            )
             started = time.monotonic()
             try:
                 with self._cancellable(job.request_id):
                     outcome = self._call(job)
             except GracefulStop:
                 # A call cut short by shutdown does not count against the request.
-                self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1))
+                self._statuses.put(
+                    job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1), claim=claim
+                )
                 raise
             if self._metrics is not None:
                 kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
@@ -228,7 +232,9 @@ class JobRunner:
             entry = self._statuses.get(job.request_id)
             if entry is None or entry.status is not Status.PENDING:
                 attempts = entry.attempts_made if entry else 0
-                self._statuses.put(job.request_id, entry_for(job, Status.PENDING, attempts=attempts))
+                self._statuses.put(
+                    job.request_id, entry_for(job, Status.PENDING, attempts=attempts), claim=claim
+                )
             self._queue.release(claim)
         except StorageUnavailable as exc:
             log.error(

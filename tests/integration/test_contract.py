@@ -172,17 +172,21 @@ def test_renew_extends_only_current_leases(backend: Backend) -> None:
     mine = claim(queue, limit=2, holder="w1", lease=0.2)
     [theirs] = claim(queue, holder="w2", lease=0.2)
     queue.ack(mine[1])
-    assert queue.renew(mine, 60) == {(mine[0].ticket, mine[0].lease.token)}
+    assert queue.renew(mine, 60).held == {(mine[0].ticket, mine[0].lease.token)}
     time.sleep(0.3)
     # Only w2's lease lapsed: w1 renewed in time.
     assert queue.requeue_lapsed(time.time()) == 1
     assert queue.holds(mine[0]) and not queue.holds(theirs)
-    assert queue.renew([theirs], 60) == set()
+    assert queue.renew([theirs], 60).held == set()
     assert queue.counts() == (1, 1)
     # The same worker taking the job again gets a new token; the old claim stays lost.
     [again] = claim(queue, holder="w2")
     assert again.ticket == theirs.ticket and again.lease.token != theirs.lease.token
-    assert queue.renew([theirs, again], 60) == {(again.ticket, again.lease.token)}
+    assert queue.renew([theirs, again], 60).held == {(again.ticket, again.lease.token)}
+    # A cancel recorded for a held job is reported at renewal, whether or not its signal arrived.
+    assert queue.renew([again], 60).cancelled == set()
+    assert queue.cancel(again.job.request_id) is CancelResult.SIGNALLED
+    assert queue.renew([again], 60).cancelled == {again.ticket}
 
 
 def test_requeue_lapsed_spares_live_leases_unless_told_every_holder_is_gone(backend: Backend) -> None:

@@ -16,7 +16,7 @@ from conftest import body, wait_until
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.services.finalize import Finalizer
-from llm_proxy.storage.base import Claim, StorageUnavailable
+from llm_proxy.storage.base import CancelResult, Claim, Renewal, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.upstream.outcome import Outcome
 from llm_proxy.worker.dispatcher import Dispatcher, DispatchSettings
@@ -283,7 +283,7 @@ def test_calls_stop_when_leases_cannot_be_renewed_and_resume_once_they_can(
     renew = rig.queue.renew
     broken = gevent.event.Event()
 
-    def failing_renew(claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+    def failing_renew(claims: list[Claim], lease_seconds: float) -> Renewal:
         if broken.is_set():
             raise StorageUnavailable("database is locked")
         return renew(claims, lease_seconds)
@@ -321,6 +321,19 @@ def test_a_result_is_kept_while_the_store_cannot_take_it_yet(make_rig: Callable[
     # Stored once the store took it: the upstream's answer was not thrown away and asked again.
     assert entry.status is Status.COMPLETED and entry.attempts == 1
     assert rig.upstream.calls == ["a"] and failures == []
+
+
+def test_a_cancel_whose_signal_was_lost_reaches_the_worker_at_renewal(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(lease_seconds=0.6)  # no signals: only the store can tell the worker
+    rig.upstream.gate.clear()
+    rig.submit("a")
+    rig.start()
+    wait_until(lambda: rig.upstream.inflight == 1)
+    assert rig.queue.cancel("a") is CancelResult.SIGNALLED
+    entry = rig.final("a")
+    assert entry.status is Status.CANCELLED
+    wait_until(lambda: rig.upstream.inflight == 0, timeout=5)
+    rig.upstream.gate.set()
 
 
 def test_graceful_stop_puts_unfinished_work_back_without_counting_it(make_rig: Callable[..., Rig]) -> None:

@@ -14,7 +14,7 @@ import gevent.event
 import pytest
 
 from llm_proxy.domain.status import Status, StatusEntry, WebhookProgress, WebhookState
-from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery, StatusStore
+from llm_proxy.storage.base import Claim, Delivery, Outbox, OwedDelivery, StatusStore
 from llm_proxy.webhooks.delivery import JITTER, RETRY_AFTER_CAP, SCHEDULE, WebhookDeliverer, after_attempt
 from llm_proxy.webhooks.sender import Attempt
 
@@ -161,7 +161,9 @@ class MemoryStatuses(StatusStore):
         self.entries: dict[str, StatusEntry] = {}
         self.webhook_history: dict[str, list[WebhookProgress | None]] = {}
 
-    def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
+    def put(
+        self, request_id: str, entry: StatusEntry, ttl: float | None = None, *, claim: Claim | None = None
+    ) -> None:
         self.entries[request_id] = entry
 
     def get(self, request_id: str) -> StatusEntry | None:

@@ -22,6 +22,7 @@ from llm_proxy.storage.base import (
     Lease,
     QueueCounts,
     Queued,
+    Renewal,
     Submitted,
 )
 from llm_proxy.storage.batching import GroupCommit
@@ -176,18 +177,21 @@ class PostgresJobQueue(JobQueue):
         ]
         return sorted(claims, key=lambda c: c.ticket)
 
-    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+    def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:
         if not claims:
-            return set()
+            return Renewal(set())
         rows = self._db.execute(
             "cannot renew leases",
             "UPDATE llm_proxy_jobs SET lease_expires_at = now() + make_interval(secs => %s)"
             " WHERE state = 2 AND lease_expires_at > now()"
             " AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
-            " RETURNING ticket, token",
+            " RETURNING ticket, token, cancel_requested",
             (lease_seconds, [c.ticket for c in claims], [c.lease.token for c in claims]),
         )
-        return {(int(ticket), int(token)) for ticket, token in rows}
+        return Renewal(
+            held={(int(ticket), int(token)) for ticket, token, _ in rows},
+            cancelled={int(ticket) for ticket, _, cancelled in rows if cancelled},
+        )
 
     def holds(self, claim: Claim) -> bool:
         rows = self._db.execute(

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 
 from llm_proxy.domain.status import StatusEntry
-from llm_proxy.storage.base import StatusStore
+from llm_proxy.storage.base import Claim, StatusStore
 from llm_proxy.storage.postgres.database import Connection, Database
 
 PURGE_LOCK = 7_210_003
@@ -22,9 +22,25 @@ class PostgresStatusStore(StatusStore):
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
-        with self._db.connection("cannot store status") as connection:
-            self.put_in(connection, request_id, entry, ttl)
+    def put(
+        self, request_id: str, entry: StatusEntry, ttl: float | None = None, *, claim: Claim | None = None
+    ) -> None:
+        if claim is None:
+            with self._db.connection("cannot store status") as connection:
+                self.put_in(connection, request_id, entry, ttl)
+            return
+        # Written only while the writer's lease is current, in the same statement.
+        self._db.execute(
+            "cannot store status",
+            "INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)"
+            " SELECT %s, %s,"
+            " CASE WHEN %s::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => %s) END"
+            " WHERE EXISTS"
+            " (SELECT 1 FROM llm_proxy_jobs WHERE ticket = %s AND token = %s AND state = 2)"
+            " ON CONFLICT (request_id) DO UPDATE"
+            " SET entry = excluded.entry, expires_at = excluded.expires_at",
+            (request_id, json.dumps(entry.to_dict()), ttl, ttl, claim.ticket, claim.lease.token),
+        )
 
     @staticmethod
     def put_in(connection: Connection, request_id: str, entry: StatusEntry, ttl: float | None) -> None:

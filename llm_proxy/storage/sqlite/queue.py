@@ -34,6 +34,7 @@ from llm_proxy.storage.base import (
     Lease,
     QueueCounts,
     Queued,
+    Renewal,
     StorageUnavailable,
     Submitted,
 )
@@ -291,11 +292,12 @@ class PersistJobQueue(JobQueue):
             for ticket, data, status, cancelled in rows
         ]
 
-    def renew(self, claims: list[Claim], lease_seconds: float) -> set[tuple[int, int]]:
+    def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:
         expires_at = time.time() + lease_seconds
 
-        def extend() -> set[tuple[int, int]]:
+        def extend() -> Renewal:
             held = set()
+            cancelled = set()
             with immediate(self._claimer) as connection:
                 for claim in claims:
                     args = {
@@ -306,7 +308,11 @@ class PersistJobQueue(JobQueue):
                     }
                     if connection.execute(_RENEW, args).rowcount == 1:
                         held.add((claim.ticket, claim.lease.token))
-            return held
+                        if connection.execute(
+                            f"SELECT 1 FROM {TABLE}_cancels WHERE request_id = ?", (claim.job.request_id,)
+                        ).fetchone():
+                            cancelled.add(claim.ticket)
+            return Renewal(held, cancelled)
 
         return retrying("cannot renew leases", extend, self._patience)
 

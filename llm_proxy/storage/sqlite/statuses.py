@@ -22,7 +22,7 @@ import diskcache
 from gevent import monkey
 
 from llm_proxy.domain.status import StatusEntry
-from llm_proxy.storage.base import StatusStore, StorageUnavailable
+from llm_proxy.storage.base import Claim, StatusStore, StorageUnavailable
 from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.sqlite.transactions import BUSY_WAIT, OPEN_TIMEOUT, PATIENCE, retrying
 
@@ -48,7 +48,11 @@ class DiskcacheStatusStore(StatusStore):
             self._set_all, "cannot store status", functools.partial(retrying, patience=patience)
         )
 
-    def put(self, request_id: str, entry: StatusEntry, ttl: float | None = None) -> None:
+    def put(
+        self, request_id: str, entry: StatusEntry, ttl: float | None = None, *, claim: Claim | None = None
+    ) -> None:
+        # The claim goes unchecked: the one worker's dispatcher stops a job whose lease it lost
+        # before anything else can hold it.
         self._put((request_id, entry.to_dict(), ttl))
 
     def _set_all(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[None]:
