@@ -21,6 +21,7 @@ import gevent.queue
 import psycopg
 
 from llm_proxy.storage.base import RelaySender, RelaySink, StorageUnavailable, WebSignals, WorkerSignals
+from llm_proxy.storage.local import Sinks
 from llm_proxy.storage.postgres.database import Database
 from llm_proxy.storage.postgres.queue import WORK_CHANNEL
 
@@ -101,28 +102,10 @@ def notify(database: Database, channel: str, payloads: list[str], what: str) -> 
         log.debug("%s: %s", what, exc)
 
 
-class _Sink(RelaySink):
-    def __init__(self, signals: PostgresWebSignals, request_id: str) -> None:
-        self._signals = signals
-        self._request_id = request_id
-        self.queue: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
-        self.partial: list[str] = []
-
-    def next(self, timeout: float) -> bytes | None:
-        try:
-            item: bytes | None = self.queue.get(timeout=timeout)
-        except gevent.queue.Empty:
-            return b""
-        return item
-
-    def close(self) -> None:
-        self._signals.close_sink(self._request_id, self)
-
-
 class PostgresWebSignals(WebSignals):
     def __init__(self, database: Database) -> None:
         self._db = database
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks = Sinks()
         self._on_final: Callable[[str], None] = lambda request_id: None
         self._on_gap: Callable[[], None] = lambda: None
         self._listener = Listener(database, (FINAL_CHANNEL, RELAY_CHANNEL), self._received, self._gap)
@@ -164,13 +147,7 @@ class PostgresWebSignals(WebSignals):
             sink.partial.clear()
 
     def open_relay(self, request_id: str) -> RelaySink:
-        sink = _Sink(self, request_id)
-        self._sinks[request_id] = sink
-        return sink
-
-    def close_sink(self, request_id: str, sink: _Sink) -> None:
-        if self._sinks.get(request_id) is sink:
-            del self._sinks[request_id]
+        return self._sinks.open(request_id)
 
     def close(self) -> None:
         self._listener.close()

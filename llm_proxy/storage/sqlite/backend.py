@@ -23,8 +23,8 @@ from llm_proxy.storage.base import (
     WebSignals,
     WorkerSignals,
 )
+from llm_proxy.storage.local import LocalLimit
 from llm_proxy.storage.sqlite import selfcheck
-from llm_proxy.storage.sqlite.limit import LocalLimit
 from llm_proxy.storage.sqlite.outbox import SqliteOutbox
 from llm_proxy.storage.sqlite.queue import PersistJobQueue
 from llm_proxy.storage.sqlite.signals import EmbeddedWebSignals, EmbeddedWorkerSignals

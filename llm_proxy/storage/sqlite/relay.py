@@ -10,37 +10,20 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import gevent.queue
 from gevent.server import StreamServer
 
 from llm_proxy.storage.base import RelaySender, RelaySink
+from llm_proxy.storage.local import Sinks
 from llm_proxy.storage.sqlite.addresses import RELAY, address_for
 
 log = logging.getLogger("llm_proxy.relay")
-
-
-class _Sink(RelaySink):
-    def __init__(self, server: RelayServer, request_id: str) -> None:
-        self._server = server
-        self._request_id = request_id
-        self.queue: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
-
-    def next(self, timeout: float) -> bytes | None:
-        try:
-            item: bytes | None = self.queue.get(timeout=timeout)
-        except gevent.queue.Empty:
-            return b""
-        return item
-
-    def close(self) -> None:
-        self._server.close_sink(self._request_id, self)
 
 
 class RelayServer:
     """In the web process: accepts the worker's relay connections, one per streamed request."""
 
     def __init__(self, data_dir: Path) -> None:
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks = Sinks()
         self._server: StreamServer | None = None
         try:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -55,13 +38,7 @@ class RelayServer:
             self._server.start()
 
     def open(self, request_id: str) -> RelaySink:
-        sink = _Sink(self, request_id)
-        self._sinks[request_id] = sink
-        return sink
-
-    def close_sink(self, request_id: str, sink: _Sink) -> None:
-        if self._sinks.get(request_id) is sink:
-            del self._sinks[request_id]
+        return self._sinks.open(request_id)
 
     def _handle(self, connection: socket.socket, _address: Any) -> None:
         reader = connection.makefile("rb")
