@@ -39,20 +39,27 @@ class GroupCommit(Generic[I, R]):
         result: gevent.event.AsyncResult = gevent.event.AsyncResult()
         self._batch.append((item, result))
         if not self._leading:
-            self._leading = True
-            try:
-                try:
-                    gevent.sleep(0)
-                finally:
-                    # Committed even when this greenlet is killed while it yields (shutdown,
-                    # cancel): the others in the batch are waiting on it.
-                    while self._batch:
-                        batch, self._batch = self._batch, []
-                        self._commit(batch)
-            finally:
-                self._leading = False
+            self._lead()
         value: R = result.get()
         return value
+
+    def _lead(self) -> None:
+        self._leading = True
+        try:
+            try:
+                gevent.sleep(0)
+            finally:
+                # Committed even when this greenlet is killed while it yields (shutdown, cancel):
+                # the others in the batch are waiting on it.
+                batch, self._batch = self._batch, []
+                if batch:
+                    self._commit(batch)
+        finally:
+            self._leading = False
+            if self._batch:
+                # Calls that arrived during the commit get a leader of their own, so that no
+                # caller's answer waits on commits of items that came after its own.
+                gevent.spawn(self._lead)
 
     def _commit(self, batch: list[tuple[I, gevent.event.AsyncResult]]) -> None:
         items = [item for item, _ in batch]
