@@ -255,8 +255,15 @@ class Outbox(ABC):
         """Record the delivery durably; raises StorageUnavailable if it could not be recorded."""
 
     @abstractmethod
-    def take(self, limit: int) -> list[OwedDelivery]:
-        """Up to ``limit`` owed deliveries not yet taken, oldest first."""
+    def take(self, limit: int, *, hold: float) -> list[OwedDelivery]:
+        """Up to ``limit`` owed deliveries not taken by a live sender, oldest first. They are this
+        sender's for ``hold`` seconds; once that is over without ``keep``, another sender may take
+        them (a delivery resumes from the progress in its status, so nothing is sent twice but the
+        attempt under way when its sender died)."""
+
+    @abstractmethod
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
+        """The deliveries this sender is still working on stay its own ``hold`` seconds more."""
 
     @abstractmethod
     def done(self, owed: OwedDelivery) -> None:

@@ -1,4 +1,4 @@
-"""Calls from concurrent greenlets that share one transaction (and so one fsync)."""
+"""Calls from concurrent greenlets that share one transaction (and so one fsync), or one read."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class GroupCommit(Generic[I, R]):
 
     The first caller leads: it yields once, letting greenlets that are ready add their items, then
     runs ``write`` on the batch and hands every caller its result. A call still returns only once
-    its item is committed. ``guard`` runs the write (the embedded back end retries a locked
+    its item is committed. Reads use it too: one query answers every caller that asked before it
+    started, never one that started earlier. ``guard`` runs the write (the embedded back end retries a locked
     database there).
     """
 

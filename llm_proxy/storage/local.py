@@ -9,14 +9,14 @@ import gevent.queue
 from llm_proxy.storage.base import Claim, ConcurrencyLimit, RelaySink, Slot
 
 
-class _LocalSlot(Slot):
+class LocalSlot(Slot):
     def __init__(self, semaphore: gevent.lock.BoundedSemaphore) -> None:
         self._semaphore = semaphore
-        self._held = True
+        self.held = True
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
+        if self.held:
+            self.held = False
             self._semaphore.release()
 
 
@@ -33,7 +33,7 @@ class LocalLimit(ConcurrencyLimit):
 
     def hold(self, claim: Claim) -> Slot:
         self._slots.acquire()
-        return _LocalSlot(self._slots)
+        return LocalSlot(self._slots)
 
 
 class QueueSink(RelaySink):
@@ -52,6 +52,11 @@ class QueueSink(RelaySink):
         except gevent.queue.Empty:
             return b""
         return item
+
+    def wake(self) -> None:
+        """Make a waiting ``next`` return b"" now, as if it had timed out: its reader looks at the
+        request's status then (called when the request became final, so no timer is waited out)."""
+        self.queue.put(b"")
 
     def close(self) -> None:
         self._sinks.discard(self._request_id, self)

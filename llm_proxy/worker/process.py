@@ -84,6 +84,7 @@ def _serve(config: Config, backend: Backend) -> int:
         sender=sender,
         retry_base=config.webhook_retry_base,
         concurrency=config.webhook_concurrency,
+        hold=config.lease_timeout,
         metrics=metrics,
     )
     finalizer = Finalizer(

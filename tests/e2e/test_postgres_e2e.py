@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from conftest import API_KEY, FakeUpstream, Service, body, wait_until
+from conftest import API_KEY, FakeUpstream, Receiver, Service, body, wait_until
 from support.postgres import PostgresServer
 
 MakeService = Callable[..., Service]
@@ -124,6 +124,27 @@ def test_a_killed_worker_s_calls_are_taken_over(
     assert time.monotonic() - killed_at < 3 + 8
     assert all(fake_upstream.stats()["by_key"][f"pg-k{i}"] == 2 for i in range(4))
     assert all(f["attempts"] == 2 for f in finals)
+
+
+def test_a_killed_worker_s_webhook_delivery_is_taken_up_by_another(
+    dyno: Callable[..., Service], receiver: Receiver
+) -> None:
+    web = dyno(EMBEDDED_WORKER="false", WEBHOOK_ALLOW_PRIVATE="true", WEBHOOK_RETRY_BASE="2")
+    doomed = web.start("worker")
+    name = f"pg-hook-{time.time_ns()}"
+    rid = web.submit(body("hook", webhookUrl=receiver.url(f"/fail/1/{name}"))).json()["request_id"]
+    # Its first attempt failed; the next one is due in about 2 s, and the worker dies meanwhile.
+    wait_until(lambda: len(receiver.received(name)) == 1, timeout=20)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait(timeout=10)
+    killed_at = time.monotonic()
+    web.start("worker")
+    wait_until(lambda: (web.status(rid).json().get("webhook") or {}).get("state") == "delivered", timeout=30)
+    # Within LEASE_TIMEOUT (3 s) plus a few seconds, with the same webhook-id for the receiver.
+    assert time.monotonic() - killed_at < 3 + 8
+    posts = receiver.received(name)
+    assert len(posts) == 2 and len({p["headers"]["webhook-id"] for p in posts}) == 1
+    assert web.status(rid).json()["webhook"]["attempts"] == 2
 
 
 def test_a_stopped_database_is_refused_quickly_and_recovered_from(

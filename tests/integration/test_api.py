@@ -388,5 +388,5 @@ def test_cancelling_a_waiting_request_ends_it_at_once_and_for_good(h: Harness) -
     assert h.get(rid).json["status"] == "cancelled"
     again = h.app.delete(f"/v1/chat/completions/{rid}", headers={"X-API-Key": API_KEY}, status="*")
     assert again.status_int == 200 and again.json["status"] == "cancelled"
-    taken = h.backend.outbox.take(10)
+    taken = h.backend.outbox.take(10, hold=60)
     assert [t.delivery.request_id for t in taken] == [rid]

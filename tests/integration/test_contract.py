@@ -329,21 +329,41 @@ def test_outbox_owes_until_done_and_recovers_what_a_dead_sender_took(backend: Ba
     assert backend.consumer_admitted()
     for i in range(3):
         outbox.owe(delivery(i))
-    taken = outbox.take(2)
+    taken = outbox.take(2, hold=60)
     assert [t.delivery for t in taken] == [delivery(0), delivery(1)]
     assert taken[0].delivery.webhook_id == "msg_chatreq_00000000000000000000"
     outbox.done(taken[0])
-    assert [t.delivery for t in outbox.take(10)] == [delivery(2)]
-    assert outbox.take(10) == []
+    assert [t.delivery for t in outbox.take(10, hold=60)] == [delivery(2)]
+    assert outbox.take(10, hold=60) == []
     if backend.previous_holders_gone:
         # The one sender restarted: what it took and did not finish is owed again.
         assert outbox.recover() == 2
-        assert {t.delivery for t in outbox.take(10)} == {delivery(1), delivery(2)}
+        assert {t.delivery for t in outbox.take(10, hold=60)} == {delivery(1), delivery(2)}
     else:
-        # Other senders may be alive: what a sender took stays its own for a while.
+        # Other senders may be alive: what a sender took stays its own while its hold lasts.
         assert outbox.recover() == 0
-        assert outbox.take(10) == []
+        assert outbox.take(10, hold=60) == []
     assert outbox.compact() == 1
+
+
+def test_a_kept_delivery_stays_taken_and_an_abandoned_one_is_taken_up_again(backend: Backend) -> None:
+    outbox = backend.outbox
+    assert backend.consumer_admitted()
+    for i in range(2):
+        outbox.owe(delivery(i))
+    kept, abandoned = outbox.take(10, hold=0.5)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        outbox.keep([kept], hold=0.5)
+        time.sleep(0.1)
+    if backend.previous_holders_gone:
+        # One sender at a time: nothing is taken from it while it runs, whatever the hold.
+        assert outbox.take(10, hold=0.5) == []
+    else:
+        # The sender that stopped keeping its delivery (it died) lost it to the next one.
+        assert [t.delivery for t in outbox.take(10, hold=0.5)] == [abandoned.delivery]
+    outbox.done(kept)
+    assert outbox.take(10, hold=0.5) == []
 
 
 # -- signals ---------------------------------------------------------------------------------------

@@ -74,3 +74,37 @@ def test_claims_from_several_processes_share_one_ceiling(database_url: str, tmp_
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_a_slot_given_back_is_free_for_the_next_claim_before_its_job_finishes(
+    database_url: str, tmp_path: Path
+) -> None:
+    worker, other = (open_backend(data_dir=tmp_path / n, database_url=database_url) for n in "ab")
+    try:
+        limit = worker.concurrency_limit(1)
+        other.concurrency_limit(1)
+        for i in range(4):
+            worker.queue.put(Job(request_id=f"chatreq_{i:020d}", body={}, owner="o"))
+        [first] = worker.queue.claim_many(1, holder="w", lease_seconds=60)
+        slot = limit.hold(first)
+        assert worker.queue.claim_many(1, holder="w", lease_seconds=60) == []
+        # Its call is over; its final status is not stored yet. The ceiling counts calls.
+        slot.release()
+        [second] = worker.queue.claim_many(1, holder="w", lease_seconds=60)
+        assert second.job.request_id == "chatreq_00000000000000000001"
+        # Across processes too: the other worker sees the one slot taken by the second call.
+        assert other.queue.claim_many(1, holder="o", lease_seconds=60) == []
+        assert worker.queue.ack(first) and worker.queue.ack(second)
+        [third] = other.queue.claim_many(1, holder="o", lease_seconds=60)
+        # A stale lease frees nothing: its job belongs to another holder now.
+        other.queue.requeue_lapsed(float("inf"))
+        [again] = worker.queue.claim_many(1, holder="w", lease_seconds=60)
+        assert again.job == third.job
+        limit.hold(third).release()
+        assert worker.queue.claim_many(1, holder="w", lease_seconds=60) == []
+        limit.hold(again).release()
+        [fourth] = worker.queue.claim_many(1, holder="w", lease_seconds=60)
+        assert fourth.job.request_id == "chatreq_00000000000000000003"
+    finally:
+        worker.close()
+        other.close()

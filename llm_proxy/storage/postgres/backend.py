@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import (
@@ -13,6 +14,7 @@ from llm_proxy.storage.base import (
     WebSignals,
     WorkerSignals,
 )
+from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.postgres.database import Database
 from llm_proxy.storage.postgres.limit import SharedLimit
 from llm_proxy.storage.postgres.outbox import PostgresOutbox
@@ -21,10 +23,41 @@ from llm_proxy.storage.postgres.schema import migrate
 from llm_proxy.storage.postgres.signals import PostgresWebSignals, PostgresWorkerSignals
 from llm_proxy.storage.postgres.statuses import PostgresStatusStore
 
-_FINISH = """
+# Finishing claimed jobs, many in one statement (concurrent finishes share it: one round trip
+# and one commit for the batch). Each ack is fenced by its lease token; only the acked ones get
+# their status and owed webhook.
+_FINISH_MANY = """
+WITH done AS (
+    SELECT * FROM unnest(
+        %(tickets)s::bigint[], %(tokens)s::bigint[], %(request_ids)s::text[], %(entries)s::text[],
+        %(ttls)s::float8[], %(owes)s::boolean[], %(owners)s::text[], %(urls)s::text[],
+        %(payloads)s::text[]
+    ) AS d(ticket, token, request_id, entry, ttl, owes, owner, url, payload)
+), acked AS (
+    UPDATE llm_proxy_jobs AS j SET state = 3, calling = false, finished_at = now()
+    FROM done WHERE j.ticket = done.ticket AND j.token = done.token AND j.state = 2
+    RETURNING j.ticket
+), status AS (
+    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
+    SELECT done.request_id, done.entry, now() + make_interval(secs => done.ttl)
+    FROM done JOIN acked USING (ticket)
+    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
+), owed AS (
+    INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
+    SELECT done.request_id, done.owner, done.url, done.payload
+    FROM done JOIN acked USING (ticket) WHERE done.owes ORDER BY done.ticket
+), freed AS (
+    -- Their slots are free now: wake the workers waiting for one.
+    SELECT pg_notify('llm_proxy_work', '') FROM (SELECT 1 FROM acked LIMIT 1) AS any_acked
+)
+SELECT acked.ticket FROM acked LEFT JOIN freed ON true
+"""
+
+# The web cancelling a waiting job: out of the queue, with its final status, at once.
+_WITHDRAW = """
 WITH acked AS (
     UPDATE llm_proxy_jobs SET state = 3, calling = false, finished_at = now()
-    WHERE ticket = %(ticket)s AND token = %(token)s AND state = 2
+    WHERE request_id = %(request_id)s AND state < 2
     RETURNING 1
 ), status AS (
     INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
@@ -33,18 +66,18 @@ WITH acked AS (
 ), owed AS (
     INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
     SELECT %(request_id)s, %(owner)s, %(url)s, %(payload)s FROM acked WHERE %(owes)s
-), freed AS (
-    -- Its slot is free now: wake the workers waiting for one.
-    SELECT pg_notify('llm_proxy_work', '') FROM acked LIMIT 1
 )
-SELECT (SELECT count(*) FROM acked), (SELECT count(*) FROM freed)
+SELECT count(*) FROM acked
 """
 
-# The web cancelling a waiting job: out of the queue, with its final status, at once.
-_WITHDRAW = _FINISH.replace(
-    "WHERE ticket = %(ticket)s AND token = %(token)s AND state = 2",
-    "WHERE request_id = %(request_id)s AND state < 2",
-)
+
+@dataclass(frozen=True)
+class _Finish:
+    claim: Claim
+    request_id: str
+    entry: str
+    ttl: float
+    delivery: Delivery | None
 
 
 class PostgresBackend(Backend):
@@ -59,6 +92,7 @@ class PostgresBackend(Backend):
         self.statuses: PostgresStatusStore = PostgresStatusStore(self._db)
         self.outbox: PostgresOutbox = PostgresOutbox(self._db)
         self._signals: list[WebSignals | WorkerSignals] = []
+        self._finish = GroupCommit(self._finish_many, "cannot finish the request")
 
     def web_signals(self) -> WebSignals:
         signals = PostgresWebSignals(self._db)
@@ -90,14 +124,12 @@ class PostgresBackend(Backend):
                 if delivery is not None:
                     self.outbox.owe_in(connection, delivery)
             return True
-        # One statement, so one round trip and one atomic commit: the ack fenced by the lease
-        # token, and only if it took, the status and the owed webhook.
+        if claim is not None:
+            return self._finish(_Finish(claim, request_id, stored, ttl, delivery))
         rows = self._db.execute(
             "cannot finish the request",
-            _WITHDRAW if claim is None else _FINISH,
+            _WITHDRAW,
             {
-                "ticket": claim.ticket if claim else 0,
-                "token": claim.lease.token if claim else 0,
                 "request_id": request_id,
                 "entry": stored,
                 "ttl": ttl,
@@ -108,6 +140,25 @@ class PostgresBackend(Backend):
             },
         )
         return bool(rows and rows[0][0])
+
+    def _finish_many(self, batch: list[_Finish]) -> list[bool]:
+        rows = self._db.execute(
+            "cannot finish the request",
+            _FINISH_MANY,
+            {
+                "tickets": [f.claim.ticket for f in batch],
+                "tokens": [f.claim.lease.token for f in batch],
+                "request_ids": [f.request_id for f in batch],
+                "entries": [f.entry for f in batch],
+                "ttls": [f.ttl for f in batch],
+                "owes": [f.delivery is not None for f in batch],
+                "owners": [f.delivery.owner if f.delivery else "" for f in batch],
+                "urls": [f.delivery.url if f.delivery else "" for f in batch],
+                "payloads": [f.delivery.payload if f.delivery else "" for f in batch],
+            },
+        )
+        acked = {int(ticket) for (ticket,) in rows}
+        return [f.claim.ticket in acked for f in batch]
 
     def keep_key(self, candidate: str) -> tuple[str, bool]:
         with self._db.transaction("cannot keep the generated key") as connection:

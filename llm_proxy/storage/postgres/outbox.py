@@ -1,13 +1,12 @@
-"""The networked webhook outbox: owed deliveries taken by any worker's sender for a while; what a
-sender that died had taken is owed again once that while is over."""
+"""The networked webhook outbox: owed deliveries taken by any worker's sender for a while, which the
+sender extends while it works on them; what a sender that died had taken is owed again once that
+while is over."""
 
 from __future__ import annotations
 
 from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery
 from llm_proxy.storage.postgres.database import Connection, Database
 
-TAKEN_FOR = 3600.0
-"""Seconds a taken delivery belongs to its sender: longer than its whole retry schedule."""
 COMPACT_LOCK = 7_210_005
 
 
@@ -26,7 +25,7 @@ class PostgresOutbox(Outbox):
             (delivery.request_id, delivery.owner, delivery.url, delivery.payload),
         )
 
-    def take(self, limit: int) -> list[OwedDelivery]:
+    def take(self, limit: int, *, hold: float) -> list[OwedDelivery]:
         rows = self._db.execute(
             "cannot take webhook deliveries",
             "WITH picked AS MATERIALIZED (SELECT id FROM llm_proxy_outbox"
@@ -34,13 +33,22 @@ class PostgresOutbox(Outbox):
             " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
             " UPDATE llm_proxy_outbox AS o SET state = 1, taken_until = now() + make_interval(secs => %s)"
             " FROM picked WHERE o.id = picked.id RETURNING o.id, o.request_id, o.owner, o.url, o.payload",
-            (limit, TAKEN_FOR),
+            (limit, hold),
         )
         owed = [
             OwedDelivery(int(id_), Delivery(request_id=rid, owner=owner, url=url, payload=payload))
             for id_, rid, owner, url, payload in rows
         ]
         return sorted(owed, key=lambda o: o.ticket)
+
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
+        if owed:
+            self._db.execute(
+                "cannot keep webhook deliveries",
+                "UPDATE llm_proxy_outbox SET taken_until = now() + make_interval(secs => %s)"
+                " WHERE id = ANY(%s) AND state = 1",
+                (hold, [o.ticket for o in owed]),
+            )
 
     def done(self, owed: OwedDelivery) -> None:
         self._db.execute(
@@ -51,7 +59,7 @@ class PostgresOutbox(Outbox):
 
     def recover(self) -> int:
         """Nothing to do at a sender's start: other senders may be alive, and what a dead one took
-        is owed again when its ``TAKEN_FOR`` is over."""
+        is owed again when its hold is over."""
         return 0
 
     def compact(self) -> int:

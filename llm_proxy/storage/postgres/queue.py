@@ -56,10 +56,23 @@ FROM picked WHERE j.ticket = picked.ticket
 RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
     j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
 """
+# A waiting job's place in line, exact, counting the shorter side of it: the jobs ahead, or (in a
+# deep queue, for the newest ones) the jobs behind, taken from the waiting count that the
+# trigger keeps in the same snapshot.
+# Calls that ended free their slots, fenced by the lease token (the job may be another's now).
+_CALLS_ENDED = """
+UPDATE llm_proxy_jobs SET calling = false
+WHERE state = 2 AND calling AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))
+"""
 _FIND = """
 SELECT j.ticket, j.state, j.owner, j.submitted_at, j.body,
-    CASE WHEN j.state < 2 THEN
+    CASE WHEN j.state >= 2 THEN NULL
+    WHEN j.ticket - (SELECT min(ticket) FROM llm_proxy_jobs WHERE state < 2)
+        <= (SELECT max(ticket) FROM llm_proxy_jobs WHERE state < 2) - j.ticket THEN
         (SELECT count(*) FROM llm_proxy_jobs AS w WHERE w.state < 2 AND w.ticket <= j.ticket)
+    ELSE
+        (SELECT sum(n) FROM llm_proxy_counts WHERE name = 'waiting')
+        - (SELECT count(*) FROM llm_proxy_jobs AS w WHERE w.state < 2 AND w.ticket > j.ticket)
     END
 FROM llm_proxy_jobs AS j WHERE j.request_id = %s AND j.state < 3
 """
@@ -74,12 +87,21 @@ class PostgresJobQueue(JobQueue):
     def __init__(self, database: Database, *, ceiling: int | None = None) -> None:
         self._db = database
         self._ceiling = ceiling
+        # Claims of this worker whose upstream call is over, not yet finished (lease, token).
+        self._ended: dict[int, int] = {}
         # Concurrent submits share one transaction, so one commit to disk covers a batch.
         self._put = GroupCommit(self._insert_many, "cannot store the job")
+        # Concurrent callers (every submit asks) share one read, started after each of them asked.
+        self._counts = GroupCommit(self._count_for, "cannot read the job queue")
 
     def with_ceiling(self, ceiling: int) -> None:
         """The global MAX_CONCURRENT this process's claims respect (set by the worker)."""
         self._ceiling = ceiling
+
+    def call_ended(self, claim: Claim) -> None:
+        """The claim's upstream call is over: its slot no longer counts against the ceiling,
+        from this worker's next claim on (its finish may not be committed yet)."""
+        self._ended[claim.ticket] = claim.lease.token
 
     def put(self, job: Job) -> int:
         return self._put(job)
@@ -143,11 +165,18 @@ class PostgresJobQueue(JobQueue):
     def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
         # Without a ceiling (no worker set one: tests, tools) nothing but ``limit`` bounds a claim.
         ceiling = self._ceiling if self._ceiling is not None else 2**31 - 1
-        with self._db.transaction("cannot claim jobs") as connection:
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
-            rows = connection.execute(
-                _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
-            ).fetchall()
+        ended, self._ended = self._ended, {}
+        try:
+            with self._db.transaction("cannot claim jobs") as connection:
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+                if ended:
+                    connection.execute(_CALLS_ENDED, (list(ended), list(ended.values())))
+                rows = connection.execute(
+                    _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
+                ).fetchall()
+        except BaseException:
+            self._ended.update(ended)
+            raise
         claims = [
             Claim(
                 ticket=int(ticket),
@@ -263,11 +292,15 @@ class PostgresJobQueue(JobQueue):
         return bool(rows)
 
     def counts(self) -> QueueCounts:
+        return self._counts(None)
+
+    def _count_for(self, callers: list[None]) -> list[QueueCounts]:
         rows = self._db.execute(
             "cannot read the job queue", "SELECT name, sum(n) FROM llm_proxy_counts GROUP BY name"
         )
         found = {str(name): int(n) for name, n in rows}
-        return QueueCounts(waiting=found.get("waiting", 0), in_flight=found.get("in_flight", 0))
+        counts = QueueCounts(waiting=found.get("waiting", 0), in_flight=found.get("in_flight", 0))
+        return [counts] * len(callers)
 
     def compact(self) -> int:
         with self._db.alone("cannot compact the job queue", COMPACT_LOCK) as connection:

@@ -30,7 +30,9 @@ class SqliteOutbox(Outbox):
             )
         )
 
-    def take(self, limit: int) -> list[OwedDelivery]:
+    def take(self, limit: int, *, hold: float) -> list[OwedDelivery]:
+        # One sender at a time (the back end's lock), so a taken delivery stays taken until that
+        # sender is gone: ``recover`` hands its deliveries to the next one.
         owed = []
         for claim in self._queue.claim_many(limit, holder=_HOLDER, lease_seconds=_LEASE_SECONDS):
             self._taken[claim.ticket] = claim
@@ -40,6 +42,9 @@ class SqliteOutbox(Outbox):
             )
             owed.append(OwedDelivery(claim.ticket, delivery))
         return owed
+
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
+        """Nothing to extend: see ``take``."""
 
     def done(self, owed: OwedDelivery) -> None:
         claim = self._taken.get(owed.ticket)
