@@ -2,18 +2,23 @@
 
 The final status (with ``webhook.state = pending``) and the owed delivery are stored before the
 job is acked, so a crash anywhere in between ends with the delivery still owed. Each delivery runs
-in its own greenlet (a semaphore bounds concurrent sends), so a slow receiver delays nobody, and
-none of it takes one of the ``MAX_CONCURRENT`` upstream slots. Progress is written to the status
-entry's ``webhook`` object, where users can see why a webhook did not arrive.
+in its own greenlet, and none of it takes one of the ``MAX_CONCURRENT`` upstream slots. A send
+takes a slot of its destination (host:port) first, then one of the ``WEBHOOK_CONCURRENCY`` shared
+ones, so a receiver that never answers fills at most its destination's share of them and delays
+deliveries to others by nothing. Progress is written to the status entry's ``webhook`` object,
+where users can see why a webhook did not arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import time
+from collections.abc import Iterator
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -32,6 +37,34 @@ SCHEDULE = (1, 6, 24, 120, 360)
 """Waits between attempts, in multiples of WEBHOOK_RETRY_BASE (5 s, 30 s, 2 min, 10 min, 30 min)."""
 JITTER = 0.2
 RETRY_AFTER_CAP = 3600.0
+DESTINATION_SHARE = 4
+"""One destination sends on at most 1/DESTINATION_SHARE of WEBHOOK_CONCURRENCY's slots (at least
+one): it takes four slow destinations at once to fill them all (8 of the default 32 each), while a
+busy fast receiver still gets several connections in parallel."""
+
+
+def destination(url: str) -> str:
+    """What a per-destination limit counts: the host and port a delivery connects to."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def destination_slots(concurrency: int) -> int:
+    return max(1, concurrency // DESTINATION_SHARE)
+
+
+@dataclasses.dataclass
+class _Destination:
+    slots: gevent.lock.BoundedSemaphore
+    users: int = 0
+    """Deliveries sending to it or waiting for one of its slots; at 0 it is forgotten."""
 
 
 def retry_delay(failures: int, base: float, retry_after: float | None, rand: random.Random) -> float | None:
@@ -79,6 +112,7 @@ class WebhookDeliverer:
         retry_base: float,
         concurrency: int,
         poll_interval: float = 1.0,
+        hold: float = 60.0,
         rand: random.Random | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -87,11 +121,18 @@ class WebhookDeliverer:
         self._sender = sender
         self._retry_base = retry_base
         self._sending = gevent.lock.BoundedSemaphore(concurrency)
+        self._per_destination = destination_slots(concurrency)
+        # Only destinations with a send under way or waiting: memory follows the work in hand,
+        # not every host ever seen.
+        self._destinations: dict[str, _Destination] = {}
         self._poll_interval = poll_interval
+        self._hold = hold
         self._rand = rand or random.Random()  # noqa: S311 - jitter, not secrets
         self._metrics = metrics
         self._group = gevent.pool.Group()
         self._active: set[str] = set()
+        # Deliveries taken and not yet done: kept this sender's while it works on them.
+        self._taken: dict[int, OwedDelivery] = {}
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
 
@@ -109,16 +150,31 @@ class WebhookDeliverer:
         recovered = self._outbox.recover()
         if recovered:
             log.info("%d webhook delivery(ies) resumed", recovered)
-        while not self._stopping.is_set():
-            batch = next_batch(
-                lambda: self._outbox.take(100),
-                nudged=self._nudged,
-                stopping=self._stopping,
-                poll_interval=self._poll_interval,
-                what="webhook deliveries",
-            )
-            for owed in batch:
-                self._group.spawn(self._deliver, owed)
+        keeper = gevent.spawn(self._keep_taken)
+        try:
+            while not self._stopping.is_set():
+                batch = next_batch(
+                    lambda: self._outbox.take(100, hold=self._hold),
+                    nudged=self._nudged,
+                    stopping=self._stopping,
+                    poll_interval=self._poll_interval,
+                    what="webhook deliveries",
+                )
+                for owed in batch:
+                    self._taken[owed.ticket] = owed
+                    self._group.spawn(self._deliver, owed)
+        finally:
+            keeper.kill()
+
+    def _keep_taken(self) -> None:
+        """Every third of the hold, the deliveries under way (waiting for their next attempt
+        included) stay this sender's; a sender that dies stops keeping them, and another one
+        takes them up when the hold is over."""
+        while not self._stopping.wait(self._hold / 3):
+            try:
+                self._outbox.keep(list(self._taken.values()), hold=self._hold)
+            except StorageUnavailable as exc:
+                log.warning("cannot keep webhook deliveries; retrying: %s", exc)
 
     def _deliver(self, owed: OwedDelivery) -> None:
         request_id = owed.delivery.request_id
@@ -133,7 +189,9 @@ class WebhookDeliverer:
             finally:
                 self._active.discard(request_id)
         except StorageUnavailable as exc:
-            log.error("webhook for %s: storage failed; it resumes on restart: %s", request_id, exc)
+            log.error("webhook for %s: storage failed; it is taken up again later: %s", request_id, exc)
+        finally:
+            self._taken.pop(owed.ticket, None)
 
     def _deliver_one(self, owed: OwedDelivery) -> None:
         delivery = owed.delivery
@@ -144,7 +202,7 @@ class WebhookDeliverer:
                 wait = progress.next_attempt_at / 1000.0 - time.time()
                 if wait > 0:
                     gevent.sleep(wait)
-            with self._sending:
+            with self._slot(delivery.url):
                 attempt = self._sender.send(delivery.url, delivery.webhook_id, delivery.payload)
             progress = after_attempt(progress, attempt, self._retry_base, self._rand, time.time())
             self._record(delivery.request_id, progress)
@@ -167,6 +225,24 @@ class WebhookDeliverer:
                 f" ({attempt.error})" if attempt.error else "",
             )
         self._outbox.done(owed)
+
+    @contextlib.contextmanager
+    def _slot(self, url: str) -> Iterator[None]:
+        """A slot of the URL's destination, then a shared one. In that order: a delivery that waits
+        for its busy destination holds no shared slot that a delivery elsewhere could use."""
+        key = destination(url)
+        entry = self._destinations.get(key)
+        if entry is None:
+            entry = _Destination(gevent.lock.BoundedSemaphore(self._per_destination))
+            self._destinations[key] = entry
+        entry.users += 1
+        try:
+            with entry.slots, self._sending:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0 and self._destinations.get(key) is entry:
+                del self._destinations[key]
 
     def _record(self, request_id: str, progress: WebhookProgress) -> None:
         """Only the ``webhook`` field changes, atomically: nothing else written meanwhile is lost.

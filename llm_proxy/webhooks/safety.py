@@ -4,6 +4,9 @@ Checked twice: at submit, a URL whose host is a literal non-public address is re
 every address the host resolves to must be public, and the connection itself goes through
 requests-hardened's adapter, which resolves again, checks the address it will use and pins the
 connection to it (so DNS rebinding between the two looks cannot slip a private address in).
+
+A name that does not resolve is not refused: DNS failures are usually transient (a resolver down, a
+record not yet published), so the delivery is retried on the normal schedule.
 """
 
 from __future__ import annotations
@@ -33,8 +36,20 @@ _EXTRA_BLOCKED = (
 )
 
 
+ALLOW_PRIVATE_HINT = "set WEBHOOK_ALLOW_PRIVATE=true to allow it (local development)"
+"""Said with every refusal of a non-public address: a local receiver is the usual first try."""
+
+
 class WebhookRefused(Exception):
     """The destination is not allowed; the message says why (safe to show the user)."""
+
+
+class NonPublicDestination(WebhookRefused):
+    """The host is or resolves to a non-public address: WEBHOOK_ALLOW_PRIVATE would allow it."""
+
+
+class HostUnresolved(Exception):
+    """The host name did not resolve (now): worth another attempt later, unlike a refusal."""
 
 
 def address_problem(ip: IPAddress) -> str | None:
@@ -109,7 +124,10 @@ def check_url_literal(url: str) -> str | None:
 
 
 def check_destination(url: str, resolve: Resolver = socket.getaddrinfo) -> list[IPAddress]:
-    """At delivery: resolve the host; refuse unless every address is public. Returns the addresses."""
+    """At delivery: resolve the host; refuse unless every address is public. Returns the addresses.
+
+    Raises WebhookRefused (NonPublicDestination for a non-public address) when no attempt can
+    succeed, HostUnresolved when the name did not resolve this time."""
     parts = urlsplit(url)
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
@@ -117,15 +135,18 @@ def check_destination(url: str, resolve: Resolver = socket.getaddrinfo) -> list[
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = resolve(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookRefused(f"the webhook host could not be resolved ({exc})") from None
+    except UnicodeError:
+        # The name cannot even be encoded for DNS (IDNA): no later attempt can do better.
+        raise WebhookRefused("the webhook host is not a valid host name") from None
+    except socket.gaierror as exc:
+        raise HostUnresolved(f"the webhook host name did not resolve ({exc.strerror or exc})") from None
     addresses: list[IPAddress] = []
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         problem = address_problem(ip)
         if problem:
-            raise WebhookRefused(f"the webhook host resolves to {ip}, {problem}")
+            raise NonPublicDestination(f"the webhook host resolves to {ip}, {problem}")
         addresses.append(ip)
     if not addresses:
-        raise WebhookRefused("the webhook host resolved to no address")
+        raise HostUnresolved("the webhook host name did not resolve (no address)")
     return addresses

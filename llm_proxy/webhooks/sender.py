@@ -3,6 +3,8 @@ of the answer."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +17,17 @@ import requests_hardened
 from requests.adapters import HTTPAdapter
 from requests_hardened.ip_filter import InvalidIPAddress
 from standardwebhooks.webhooks import Webhook
+from urllib3.exceptions import NameResolutionError
 
 from llm_proxy.upstream.outcome import parse_retry_after
-from llm_proxy.webhooks.safety import WebhookRefused, check_destination
+from llm_proxy.webhooks.safety import (
+    ALLOW_PRIVATE_HINT,
+    HostUnresolved,
+    NonPublicDestination,
+    WebhookRefused,
+    address_problem,
+    check_destination,
+)
 
 USER_AGENT = "llm-proxy-webhooks/1.0 (+https://github.com/llm-proxy)"
 READ_LIMIT = 1024
@@ -32,6 +42,35 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
+
+
+UNRESOLVED = "the webhook host name did not resolve"
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """Whether a connection failure was a name that did not resolve. requests and urllib3 wrap it
+    a few levels deep (ConnectionError > MaxRetryError.reason > NameResolutionError > gaierror)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror | NameResolutionError):
+            return True
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+        todo.extend(x for x in linked if isinstance(x, BaseException))
+    return False
+
+
+def _refused_address(exc: InvalidIPAddress) -> str:
+    text = str(exc)
+    try:
+        problem = address_problem(ipaddress.ip_address(text.split("%")[0]))
+    except ValueError:
+        problem = None
+    return f"refused: the webhook host resolves to {text}, {problem or 'not public'}; {ALLOW_PRIVATE_HINT}"
 
 
 class WebhookSender:
@@ -81,18 +120,35 @@ class WebhookSender:
             headers["webhook-signature"] = self._signer.sign(webhook_id, stamp, body)
         return headers
 
+    def _check(self, url: str) -> Attempt | None:
+        """The attempt's end when the destination cannot be used now, or None to go on."""
+        if self._allow_private:
+            return None
+        try:
+            if self._resolve is not None:
+                check_destination(url, self._resolve)
+            else:
+                check_destination(url)
+        except NonPublicDestination as exc:
+            return Attempt(final=True, error=f"refused: {exc}; {ALLOW_PRIVATE_HINT}")
+        except WebhookRefused as exc:
+            return Attempt(final=True, error=f"refused: {exc}")
+        except HostUnresolved as exc:
+            # Not final: DNS failures are transient (a resolver down, a record not yet published).
+            return Attempt(error=str(exc))
+        return None
+
     def send(self, url: str, webhook_id: str, body: str) -> Attempt:
-        if not self._allow_private:
-            try:
-                if self._resolve is not None:
-                    check_destination(url, self._resolve)
-                else:
-                    check_destination(url)
-            except WebhookRefused as exc:
-                return Attempt(final=True, error=f"refused: {exc}")
+        # One deadline covers the resolution too: a resolver that never answers must not hold a
+        # sending slot for longer than a receiver that never answers.
         deadline = gevent.Timeout(self._timeout)
         deadline.start()
+        resolving = True
         try:
+            checked = self._check(url)
+            if checked is not None:
+                return checked
+            resolving = False
             reply = self._session.post(
                 url,
                 data=body.encode("utf-8"),
@@ -108,12 +164,16 @@ class WebhookSender:
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
+            if resolving:
+                return Attempt(error=f"{UNRESOLVED} within {self._timeout:g} s")
             return Attempt(error=f"timeout: no answer within {self._timeout:g} s")
         except InvalidIPAddress as exc:
-            return Attempt(final=True, error=f"refused: the webhook host resolves to {exc}, not public")
+            return Attempt(final=True, error=_refused_address(exc))
         except requests.Timeout:
             return Attempt(error=f"timeout: no answer within {self._timeout:g} s")
         except requests.RequestException as exc:
+            if _unresolved(exc):
+                return Attempt(error=UNRESOLVED)
             return Attempt(error=f"connection failed ({type(exc).__name__})")
         finally:
             deadline.close()

@@ -7,14 +7,17 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from conftest import Receiver, Service, body, wait_until
+from conftest import SUPPORT, Receiver, Service, body, wait_until
 
 MakeService = Callable[..., Service]
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
@@ -173,3 +176,44 @@ def test_a_name_resolving_to_a_non_public_address_fails_without_sending(make_ser
     assert entry["status"] == "completed"
     assert entry["webhook"]["attempts"] == 1
     assert entry["webhook"]["last_error"].startswith("refused")
+
+
+@pytest.fixture
+def other_receiver() -> Iterator[Receiver]:
+    """A second receiver: another destination (host:port) than the session's one."""
+    process = subprocess.Popen(
+        [sys.executable, str(SUPPORT / "webhook_receiver.py")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield Receiver(process=process, port=int(line.split()[1]))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_a_hanging_destination_holds_back_no_other_destination(
+    make_service: MakeService, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    # Four shared slots, so one per destination; each attempt at the hanging receiver holds its
+    # slot for WEBHOOK_TIMEOUT. Without a per-destination limit, four of them would hold all four.
+    service = make_service(**{**FAST, "WEBHOOK_CONCURRENCY": "4", "WEBHOOK_TIMEOUT": "15"})
+    hangs = [unique() for _ in range(8)]
+    stuck = [
+        service.submit(body(webhookUrl=receiver.url(f"/hang/{name}"))).json()["request_id"] for name in hangs
+    ]
+    for rid in stuck:
+        assert service.wait_final(rid, timeout=10)["status"] == "completed"
+    wait_until(lambda: any(receiver.received(name) for name in hangs), timeout=10)
+
+    quick = unique()
+    started = time.monotonic()
+    fine = service.submit(body(webhookUrl=other_receiver.url(f"/ok/{quick}"))).json()["request_id"]
+    entry = webhook_state(service, fine, "delivered", timeout=5)
+    assert time.monotonic() - started < 5
+    assert entry["webhook"]["attempts"] == 1 and len(other_receiver.received(quick)) == 1
+    # The hanging destination still has one send under way, the others wait their turn there.
+    assert sum(len(receiver.received(name)) for name in hangs) == 1
+    assert all(service.status(rid).json()["webhook"]["attempts"] == 0 for rid in stuck)

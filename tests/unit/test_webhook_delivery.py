@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -15,7 +18,15 @@ import pytest
 
 from llm_proxy.domain.status import Status, StatusEntry, WebhookProgress, WebhookState
 from llm_proxy.storage.base import Claim, Delivery, Outbox, OwedDelivery, StatusStore
-from llm_proxy.webhooks.delivery import JITTER, RETRY_AFTER_CAP, SCHEDULE, WebhookDeliverer, after_attempt
+from llm_proxy.webhooks.delivery import (
+    JITTER,
+    RETRY_AFTER_CAP,
+    SCHEDULE,
+    WebhookDeliverer,
+    after_attempt,
+    destination,
+    destination_slots,
+)
 from llm_proxy.webhooks.sender import Attempt
 
 NOW = 1_700_000_000.0
@@ -131,15 +142,19 @@ class MemoryOutbox(Outbox):
         self.owed: list[OwedDelivery] = []
         self.taken: set[int] = set()
         self.finished: list[int] = []
+        self.kept: list[list[int]] = []
 
     def owe(self, delivery: Delivery) -> None:
         self.owed.append(OwedDelivery(len(self.owed) + 1, delivery))
 
-    def take(self, limit: int) -> list[OwedDelivery]:
+    def take(self, limit: int, *, hold: float) -> list[OwedDelivery]:
         batch = [o for o in self.owed if o.ticket not in self.taken and o.ticket not in self.finished]
         batch = batch[:limit]
         self.taken.update(o.ticket for o in batch)
         return batch
+
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
+        self.kept.append([o.ticket for o in owed])
 
     def done(self, owed: OwedDelivery) -> None:
         self.finished.append(owed.ticket)
@@ -204,12 +219,25 @@ class ScriptedSender:
     scripts: dict[str, list[Attempt]]
     gate: gevent.event.Event | None = None
     """When given, every send blocks until it is set (a receiver that is slow to answer)."""
+    gates: dict[str, gevent.event.Event] = field(default_factory=dict)
+    """Per host: sends to it block until its gate is set."""
     sent: list[Sent] = field(default_factory=list)
+    in_flight: Counter[str] = field(default_factory=Counter)
+    """Sends under way, per host; ``most`` is the highest each one reached."""
+    most: Counter[str] = field(default_factory=Counter)
 
     def send(self, url: str, webhook_id: str, body: str) -> Attempt:
         self.sent.append(Sent(url, webhook_id, body, time.time()))
-        if self.gate is not None:
-            self.gate.wait()
+        host = urlsplit(url).netloc
+        self.in_flight[host] += 1
+        self.most[host] = max(self.most[host], self.in_flight[host])
+        try:
+            if self.gate is not None:
+                self.gate.wait()
+            if host in self.gates:
+                self.gates[host].wait()
+        finally:
+            self.in_flight[host] -= 1
         script = self.scripts[url]
         return script.pop(0) if len(script) > 1 else script[0]
 
@@ -236,11 +264,11 @@ def completed(request_id: str, webhook: WebhookProgress | None = None) -> Status
     )
 
 
-def delivery(request_id: str) -> Delivery:
+def delivery(request_id: str, host: str = "hooks.example") -> Delivery:
     return Delivery(
         request_id=request_id,
         owner="owner-a",
-        url=f"https://hooks.example/{request_id}",
+        url=f"https://{host}/{request_id}",
         payload=f'{{"request_id": "{request_id}", "status": "completed"}}',
     )
 
@@ -292,11 +320,15 @@ def running(harness: Harness) -> Iterator[Harness]:
 
 
 def owe(
-    harness: Harness, request_id: str, script: list[Attempt], webhook: WebhookProgress | None = None
+    harness: Harness,
+    request_id: str,
+    script: list[Attempt],
+    webhook: WebhookProgress | None = None,
+    host: str = "hooks.example",
 ) -> None:
     harness.statuses.put(request_id, completed(request_id, webhook))
-    harness.sender.scripts[delivery(request_id).url] = script
-    harness.outbox.owe(delivery(request_id))
+    harness.sender.scripts[delivery(request_id, host).url] = script
+    harness.outbox.owe(delivery(request_id, host))
     harness.deliverer.nudge()
 
 
@@ -410,7 +442,142 @@ def test_a_slow_receiver_does_not_hold_up_other_deliveries(running: Harness) -> 
     owe(running, "req-slow", [DELIVERED_200])
     wait_for(lambda: len(running.sender.sent) == 1)
     running.sender.gate = None  # later sends answer at once; the first still hangs on its own gate
-    owe(running, "req-fast", [DELIVERED_200])
+    owe(running, "req-fast", [DELIVERED_200], host="other.example")
     wait_for(lambda: running.is_done("req-fast"))
     assert not running.is_done("req-slow")
     assert running.webhook("req-slow") == WebhookProgress()
+
+
+def test_deliveries_under_way_are_kept_and_let_go_once_done(harness: Harness) -> None:
+    # A short hold: the deliverer keeps what it works on every third of it.
+    harness.deliverer = WebhookDeliverer(
+        outbox=harness.outbox,
+        statuses=harness.statuses,
+        sender=harness.sender,
+        retry_base=0.01,
+        concurrency=4,
+        poll_interval=30.0,
+        hold=0.15,
+        rand=random.Random(7),
+    )
+    gate = gevent.event.Event()
+    harness.sender.gate = gate
+    runner = gevent.spawn(harness.deliverer.run)
+    try:
+        owe(harness, "req-slow", [DELIVERED_200])
+        wait_for(lambda: [1] in harness.outbox.kept)
+        gate.set()
+        wait_for(lambda: harness.is_done("req-slow"))
+        seen = len(harness.outbox.kept)
+        wait_for(lambda: len(harness.outbox.kept) > seen)
+        assert harness.outbox.kept[-1] == []
+    finally:
+        harness.deliverer.stop()
+        runner.join(timeout=5)
+        runner.kill()
+
+
+# -- one destination's share of the sending slots -----------------------------------------------
+
+
+def deliverer_with(harness: Harness, concurrency: int) -> WebhookDeliverer:
+    """The harness's deliverer replaced by one with ``concurrency`` shared slots (owe() nudges it)."""
+    harness.deliverer = WebhookDeliverer(
+        outbox=harness.outbox,
+        statuses=harness.statuses,
+        sender=harness.sender,
+        retry_base=0.01,
+        concurrency=concurrency,
+        poll_interval=30.0,
+        rand=random.Random(9),
+    )
+    return harness.deliverer
+
+
+@contextmanager
+def running_deliverer(deliverer: WebhookDeliverer) -> Iterator[WebhookDeliverer]:
+    runner = gevent.spawn(deliverer.run)
+    try:
+        yield deliverer
+    finally:
+        deliverer.stop()
+        runner.join(timeout=5)
+        runner.kill()
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("https://Hooks.Example/a", "hooks.example:443"),
+        ("http://hooks.example./b", "hooks.example:80"),
+        ("http://hooks.example:8080/c?x=1", "hooks.example:8080"),
+        ("https://hooks.example:443/d", "hooks.example:443"),
+        ("http://[2606:4700::1111]:81/e", "[2606:4700::1111]:81"),
+    ],
+)
+def test_a_destination_is_its_host_and_port(url: str, key: str) -> None:
+    assert destination(url) == key
+
+
+def test_a_destination_gets_a_quarter_of_the_slots_and_at_least_one() -> None:
+    assert [destination_slots(n) for n in (1, 3, 4, 7, 8, 32, 100)] == [1, 1, 1, 1, 2, 8, 25]
+
+
+def test_a_blocked_destination_does_not_delay_deliveries_elsewhere(harness: Harness) -> None:
+    # Four shared slots, one per destination: twenty deliveries to a receiver that never answers
+    # take one, and the other three destinations get the other three.
+    harness.sender.gates = {"stuck.example": gevent.event.Event(), "slow.example": gevent.event.Event()}
+    with running_deliverer(deliverer_with(harness, concurrency=4)):
+        for n in range(20):
+            owe(harness, f"req-stuck-{n}", [DELIVERED_200], host="stuck.example")
+        wait_for(lambda: harness.sender.in_flight["stuck.example"] == 1)
+        owe(harness, "req-slow-a", [DELIVERED_200], host="slow.example")
+        owe(harness, "req-other", [DELIVERED_200], host="other.example")
+        wait_for(lambda: harness.is_done("req-other"), timeout=2)
+        # Waiting for their own destination, the other nineteen hold no shared slot: a fourth
+        # destination still finds one while two others are busy.
+        owe(harness, "req-slow-b", [DELIVERED_200], host="slow.example:8443")
+        owe(harness, "req-last", [DELIVERED_200], host="last.example")
+        wait_for(lambda: harness.is_done("req-last"), timeout=2)
+        assert harness.sender.in_flight["stuck.example"] == 1
+        assert len(harness.sender.calls(delivery("req-stuck-0", "stuck.example").url)) == 1
+        assert not any(harness.is_done(f"req-stuck-{n}") for n in range(20))
+        harness.sender.gates["stuck.example"].set()
+        harness.sender.gates["slow.example"].set()
+        wait_for(lambda: all(harness.is_done(f"req-stuck-{n}") for n in range(20)))
+    assert harness.sender.most["stuck.example"] == 1
+
+
+def test_sends_to_one_destination_stay_within_its_share(harness: Harness) -> None:
+    hosts = ["a.example", "b.example:8443"]
+    harness.sender.gates = {host: gevent.event.Event() for host in hosts}
+    with running_deliverer(deliverer_with(harness, concurrency=8)):
+        for host in hosts:
+            for n in range(12):
+                owe(harness, f"req-{host}-{n}", [FAILED_500, DELIVERED_200], host=host)
+        wait_for(lambda: all(harness.sender.in_flight[host] == 2 for host in hosts))
+        gevent.sleep(0.05)  # room for a third send that should not start
+        assert [harness.sender.in_flight[host] for host in hosts] == [2, 2]
+        for host in hosts:
+            harness.sender.gates[host].set()
+        wait_for(lambda: all(harness.is_done(f"req-{host}-{n}") for host in hosts for n in range(12)))
+    # Retries included, never more than two at a time to one destination.
+    assert [harness.sender.most[host] for host in hosts] == [2, 2]
+    assert len(harness.sender.sent) == 2 * 2 * 12
+
+
+def test_idle_destinations_are_forgotten(harness: Harness) -> None:
+    gate = gevent.event.Event()
+    harness.sender.gates = {"busy.example": gate}
+    deliverer = deliverer_with(harness, concurrency=4)
+    with running_deliverer(deliverer):
+        for n in range(50):
+            owe(harness, f"req-{n}", [DELIVERED_200], host=f"host-{n}.example")
+        owe(harness, "req-busy-1", [DELIVERED_200], host="busy.example")
+        owe(harness, "req-busy-2", [DELIVERED_200], host="busy.example")
+        wait_for(lambda: all(harness.is_done(f"req-{n}") for n in range(50)))
+        # Only the destination still sending (one delivery) or waiting (the other) is remembered.
+        assert list(deliverer._destinations) == ["busy.example:443"]
+        gate.set()
+        wait_for(lambda: harness.is_done("req-busy-1") and harness.is_done("req-busy-2"))
+        assert deliverer._destinations == {}

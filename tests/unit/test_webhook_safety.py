@@ -10,8 +10,16 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from llm_proxy.webhooks.delivery import SCHEDULE, retry_delay
-from llm_proxy.webhooks.safety import WebhookRefused, address_problem, check_destination, check_url_literal
+from llm_proxy.domain.status import WebhookProgress, WebhookState
+from llm_proxy.webhooks.delivery import SCHEDULE, after_attempt, retry_delay
+from llm_proxy.webhooks.safety import (
+    HostUnresolved,
+    NonPublicDestination,
+    WebhookRefused,
+    address_problem,
+    check_destination,
+    check_url_literal,
+)
 from llm_proxy.webhooks.sender import WebhookSender
 
 REFUSED = {
@@ -91,12 +99,34 @@ def test_every_resolved_address_is_checked() -> None:
         check_destination("https://hooks.example/", fake_resolver("::ffff:127.0.0.1"))
 
 
-def test_unresolvable_host_is_refused() -> None:
+def failing_resolver(code: int, message: str) -> Any:
     def fail(*_: Any, **__: Any) -> list[tuple[Any, ...]]:
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        raise socket.gaierror(code, message)
 
-    with pytest.raises(WebhookRefused, match="resolved"):
-        check_destination("https://nowhere.invalid/", fail)
+    return fail
+
+
+def test_an_unresolvable_host_is_not_refused() -> None:
+    # Not a WebhookRefused: the name may resolve on a later attempt.
+    with pytest.raises(HostUnresolved, match="did not resolve") as raised:
+        check_destination("https://nowhere.invalid/", failing_resolver(socket.EAI_NONAME, "Name not known"))
+    assert not isinstance(raised.value, WebhookRefused)
+
+
+def test_a_host_name_that_cannot_be_encoded_is_refused() -> None:
+    def idna(*_: Any, **__: Any) -> list[tuple[Any, ...]]:
+        raise UnicodeError("label too long")
+
+    with pytest.raises(WebhookRefused, match="not a valid host name"):
+        check_destination("https://hooks.example/", idna)
+
+
+def test_a_non_public_answer_is_a_non_public_refusal() -> None:
+    with pytest.raises(NonPublicDestination, match=r"127\.0\.0\.1, a loopback address"):
+        check_destination("https://hooks.example/", fake_resolver("127.0.0.1"))
+    with pytest.raises(WebhookRefused) as raised:
+        check_destination("ftp://hooks.example/", fake_resolver("8.8.8.8"))
+    assert not isinstance(raised.value, NonPublicDestination)
 
 
 def test_sender_refuses_before_connecting() -> None:
@@ -106,6 +136,57 @@ def test_sender_refuses_before_connecting() -> None:
     attempt = sender.send("http://hooks.example/", "msg_1", "{}")
     assert attempt.final and not attempt.delivered
     assert attempt.error is not None and attempt.error.startswith("refused")
+    assert "WEBHOOK_ALLOW_PRIVATE" in attempt.error
+
+
+def test_a_loopback_refusal_says_how_to_allow_it() -> None:
+    sender = WebhookSender(secret=None, allow_private=False, timeout=1, resolve=fake_resolver("127.0.0.1"))
+    attempt = sender.send("http://hooks.example:8080/hook", "msg_1", "{}")
+    assert attempt.final and attempt.status is None
+    assert attempt.error == (
+        "refused: the webhook host resolves to 127.0.0.1, a loopback address; "
+        "set WEBHOOK_ALLOW_PRIVATE=true to allow it (local development)"
+    )
+
+
+def test_a_private_address_met_when_connecting_says_how_to_allow_it() -> None:
+    # The first look saw a public address; the connection's own look (DNS rebinding) sees loopback.
+    sender = WebhookSender(
+        secret=None, allow_private=False, timeout=5, resolve=fake_resolver("93.184.216.34")
+    )
+    attempt = sender.send("http://localhost:9/hook", "msg_1", "{}")
+    assert attempt.final and not attempt.delivered
+    assert attempt.error is not None and attempt.error.startswith("refused: the webhook host resolves to")
+    assert "loopback" in attempt.error and "WEBHOOK_ALLOW_PRIVATE=true" in attempt.error
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (socket.EAI_NONAME, "Name or service not known"),
+        (socket.EAI_AGAIN, "Temporary failure in name resolution"),
+    ],
+)
+def test_a_dns_failure_is_a_retryable_attempt(code: int, message: str) -> None:
+    sender = WebhookSender(
+        secret=None, allow_private=False, timeout=1, resolve=failing_resolver(code, message)
+    )
+    attempt = sender.send("http://hooks.example/hook", "msg_1", "{}")
+    assert not attempt.final and not attempt.delivered and attempt.status is None
+    assert attempt.error == f"the webhook host name did not resolve ({message})"
+    progress = after_attempt(WebhookProgress(), attempt, 5.0, random.Random(0), 1_700_000_000.0)
+    assert progress.state is WebhookState.PENDING and progress.next_attempt_at is not None
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_a_name_that_never_resolves_is_retried(allow_private: bool) -> None:
+    # The machine's own resolver (RFC 2606: .invalid never resolves; with no resolver at all the
+    # lookup fails too). Allowing private addresses skips our check: requests' failure says the same.
+    sender = WebhookSender(secret=None, allow_private=allow_private, timeout=5)
+    attempt = sender.send("http://no-such-host.invalid/hook", "msg_1", "{}")
+    assert not attempt.final and not attempt.delivered and attempt.status is None
+    assert attempt.error is not None
+    assert attempt.error.startswith("the webhook host name did not resolve")
 
 
 def test_signature_headers_verify_with_the_reference_library() -> None:
