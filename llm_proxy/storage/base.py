@@ -40,6 +40,14 @@ class DatabaseUnusable(Exception):
     holds the password)."""
 
 
+class QueueFull(Exception):
+    """A put refused: ``limit`` jobs already wait (counted in the storing transaction)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} requests waiting")
+        self.limit = limit
+
+
 class IdempotencyConflict(Exception):
     """The idempotency key was used, within the window, for a request with another body."""
 
@@ -123,16 +131,18 @@ class JobQueue(ABC):
     """A durable FIFO of jobs, claimed under leases."""
 
     @abstractmethod
-    def put(self, job: Job) -> int:
+    def put(self, job: Job, *, max_waiting: int | None = None) -> int:
         """Store the job durably (on disk when this returns) and return its ticket.
 
-        Raises StorageUnavailable when it could not be stored."""
+        Raises QueueFull when ``max_waiting`` jobs already wait (counted atomically with the
+        insert, so concurrent puts never overshoot it), StorageUnavailable when it could not be
+        stored."""
 
     @abstractmethod
-    def put_once(self, job: Job, key: str) -> Submitted:
+    def put_once(self, job: Job, key: str, *, max_waiting: int | None = None) -> Submitted:
         """Store the job unless this owner used ``key`` within ``IDEMPOTENCY_WINDOW``: then answer
         with that earlier request (same body) or raise IdempotencyConflict (another body). Checked
-        and recorded atomically."""
+        and recorded atomically; a replay is answered even when the queue is full."""
 
     @abstractmethod
     def find(self, request_id: str) -> Queued | None:

@@ -22,6 +22,7 @@ from llm_proxy.storage.base import (
     Delivery,
     IdempotencyConflict,
     JobQueue,
+    QueueFull,
     Submitted,
 )
 from llm_proxy.storage.factory import open_backend
@@ -134,6 +135,34 @@ def test_positions_and_counts_stay_exact_through_every_transition(backend: Backe
     assert released is not None and not released.fresh
     queue.compact()
     assert queue.counts() == (len(waiting_ids), 2)
+
+
+def test_max_waiting_is_exact_under_concurrent_puts(backend: Backend) -> None:
+    queue = backend.queue
+    queue.put(job(0))
+
+    def put(i: int) -> bool:
+        try:
+            if i % 2:
+                queue.put_once(job(i), f"key-{i}", max_waiting=5)
+            else:
+                queue.put(job(i), max_waiting=5)
+        except QueueFull as exc:
+            assert exc.limit == 5
+            return False
+        return True
+
+    greenlets = [gevent.spawn(put, i) for i in range(1, 41)]
+    gevent.joinall(greenlets, raise_error=True)
+    assert sum(g.value for g in greenlets) == 4
+    assert queue.counts().waiting == 5
+    # A replay of a key is answered whether or not the queue is full; a refused key stays free.
+    stored = next(i for i, g in zip(range(1, 41), greenlets, strict=True) if g.value and i % 2)
+    assert queue.put_once(job(stored), f"key-{stored}", max_waiting=5).replayed
+    refused = next(i for i, g in zip(range(1, 41), greenlets, strict=True) if not g.value and i % 2)
+    [taken] = claim(queue)
+    assert queue.ack(taken)
+    assert not queue.put_once(job(refused), f"key-{refused}", max_waiting=5).replayed
 
 
 def test_release_puts_a_job_back_at_its_place(backend: Backend) -> None:

@@ -22,6 +22,7 @@ from llm_proxy.storage.base import (
     Lease,
     QueueCounts,
     Queued,
+    QueueFull,
     Renewal,
     Submitted,
 )
@@ -31,6 +32,10 @@ from llm_proxy.storage.postgres.database import Connection, Database
 CLAIM_LOCK = 7_210_002
 """pg_advisory_xact_lock key serialising claimers, so two can never both take the last slot."""
 COMPACT_LOCK = 7_210_004
+PUT_LOCK = 7_210_006
+"""pg_advisory_xact_lock key serialising puts that respect MAX_QUEUE, so that no two web processes
+both take the last place."""
+_WAITING = "SELECT coalesce(sum(n), 0) FROM llm_proxy_counts WHERE name = 'waiting'"
 WORK_CHANNEL = "llm_proxy_work"
 
 _INSERT = """
@@ -103,12 +108,32 @@ class PostgresJobQueue(JobQueue):
         from this worker's next claim on (its finish may not be committed yet)."""
         self._ended[claim.ticket] = claim.lease.token
 
-    def put(self, job: Job) -> int:
-        return self._put(job)
+    def put(self, job: Job, *, max_waiting: int | None = None) -> int:
+        ticket = self._put((job, max_waiting))
+        if ticket is None:
+            raise QueueFull(max_waiting or 0)
+        return ticket
 
-    def _insert_many(self, jobs: list[Job]) -> list[int]:
+    def _insert_many(self, items: list[tuple[Job, int | None]]) -> list[int | None]:
         with self._db.durable("cannot store the job") as connection:
-            return [self._insert(connection, job) for job in jobs]
+            waiting = self._waiting(connection, any(limit is not None for _, limit in items))
+            tickets: list[int | None] = []
+            for job, limit in items:
+                if limit is not None and waiting >= limit:
+                    tickets.append(None)
+                    continue
+                waiting += 1
+                tickets.append(self._insert(connection, job))
+            return tickets
+
+    @staticmethod
+    def _waiting(connection: Connection, limited: bool) -> int:
+        """The waiting count, exact until this transaction ends when ``limited`` (0 otherwise)."""
+        if not limited:
+            return 0
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (PUT_LOCK,))
+        row = connection.execute(_WAITING).fetchone()
+        return int(row[0]) if row else 0
 
     def _insert(self, connection: Connection, job: Job) -> int:
         row = connection.execute(
@@ -117,7 +142,7 @@ class PostgresJobQueue(JobQueue):
         connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
         return int(row[0]) if row else 0
 
-    def put_once(self, job: Job, key: str) -> Submitted:
+    def put_once(self, job: Job, key: str, *, max_waiting: int | None = None) -> Submitted:
         digest = body_digest(job.body)
         with self._db.durable("cannot store the job") as connection:
             # A racing submit with the same key waits here until this one commits, then finds it.
@@ -143,6 +168,9 @@ class PostgresJobQueue(JobQueue):
                     " WHERE owner = %s AND key = %s",
                     (job.request_id, digest, job.owner, key),
                 )
+            if max_waiting is not None and self._waiting(connection, True) >= max_waiting:
+                # Rolled back with the key: a retry of this submit may get in later.
+                raise QueueFull(max_waiting)
             self._insert(connection, job)
         return Submitted(job.request_id, replayed=False)
 

@@ -34,6 +34,7 @@ from llm_proxy.storage.base import (
     Lease,
     QueueCounts,
     Queued,
+    QueueFull,
     Renewal,
     StorageUnavailable,
     Submitted,
@@ -168,6 +169,11 @@ class _KeyUsed:
     same_body: bool
 
 
+@dataclass(frozen=True)
+class _Full:
+    limit: int
+
+
 class PersistJobQueue(JobQueue):
     def __init__(self, directory: Path, *, patience: float = PATIENCE) -> None:
         self._patience = patience
@@ -211,27 +217,36 @@ class PersistJobQueue(JobQueue):
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"cannot open the job queue in {directory}: {exc}") from exc
 
-    def put(self, job: Job) -> int:
-        stored = self._put((json_serializer.dumps(job.to_dict()), job, None))
-        if not isinstance(stored, _Inserted):  # without a key nothing else can come back
+    def put(self, job: Job, *, max_waiting: int | None = None) -> int:
+        stored = self._put((json_serializer.dumps(job.to_dict()), job, None, max_waiting))
+        if isinstance(stored, _Full):
+            raise QueueFull(stored.limit)
+        if not isinstance(stored, _Inserted):  # without a key no replay can come back
             raise TypeError(f"unexpected result of a put: {stored!r}")
         return stored.ticket
 
-    def put_once(self, job: Job, key: str) -> Submitted:
-        stored = self._put((json_serializer.dumps(job.to_dict()), job, key))
+    def put_once(self, job: Job, key: str, *, max_waiting: int | None = None) -> Submitted:
+        stored = self._put((json_serializer.dumps(job.to_dict()), job, key, max_waiting))
+        if isinstance(stored, _Full):
+            raise QueueFull(stored.limit)
         if isinstance(stored, _Inserted):
             return Submitted(job.request_id, replayed=False)
         if not stored.same_body:
             raise IdempotencyConflict(stored.request_id)
         return Submitted(stored.request_id, replayed=True)
 
-    def _insert(self, items: list[tuple[bytes, Job, str | None]]) -> list[_Inserted | _KeyUsed]:
+    def _insert(
+        self, items: list[tuple[bytes, Job, str | None, int | None]]
+    ) -> list[_Inserted | _KeyUsed | _Full]:
         """Keys are checked and recorded in the same transaction as the jobs, so two racing submits
-        with one key queue once."""
-        results: list[_Inserted | _KeyUsed] = []
+        with one key queue once; the waiting count is read in it too (the write lock is held), so
+        no two submits both take the last place."""
+        results: list[_Inserted | _KeyUsed | _Full] = []
         now = time.time()
         with immediate(self._writer) as connection:
-            for data, job, key in items:
+            row = connection.execute(f"SELECT n FROM {TABLE}_counts WHERE name = 'waiting'").fetchone()
+            waiting = int(row[0]) if row else 0
+            for data, job, key, max_waiting in items:
                 digest = body_digest(job.body) if key is not None else ""
                 if key is not None:
                     earlier = connection.execute(
@@ -240,6 +255,10 @@ class PersistJobQueue(JobQueue):
                     if earlier is not None:
                         results.append(_KeyUsed(str(earlier[0]), same_body=earlier[1] == digest))
                         continue
+                if max_waiting is not None and waiting >= max_waiting:
+                    results.append(_Full(max_waiting))
+                    continue
+                waiting += 1
                 ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
                 connection.execute(_INSERT_ID, (job.request_id, ticket))
                 if key is not None:
