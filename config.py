@@ -37,6 +37,8 @@ class Config:
     result_ttl: float = 3600.0
     data_dir: Path = Path("./data")
     max_body_bytes: int = 1024 * 1024
+    max_response_bytes: int = 32 * 1024 * 1024
+    """Largest upstream answer read (a streamed one: its relayed events); a larger one is an error."""
     embedded_worker: bool = True
     max_queue: int = 10_000
     shutdown_timeout: float = 20.0
@@ -170,6 +172,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     take("RESULT_TTL", "result_ttl", lambda n, r: _float(n, r, 1))
     take("DATA_DIR", "data_dir", lambda n, r: Path(r.strip()))
     take("MAX_BODY_BYTES", "max_body_bytes", lambda n, r: _int(n, r, 1024))
+    take("MAX_RESPONSE_BYTES", "max_response_bytes", lambda n, r: _int(n, r, 1024))
     take("EMBEDDED_WORKER", "embedded_worker", _bool)
     take("MAX_QUEUE", "max_queue", lambda n, r: _int(n, r, 1))
     take("SHUTDOWN_TIMEOUT", "shutdown_timeout", lambda n, r: _float(n, r, 0))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import certifi
@@ -19,12 +20,24 @@ from llm_proxy.upstream.outcome import (
     network_outcome,
     parse_json,
     timeout_outcome,
+    too_large_outcome,
 )
 from llm_proxy.upstream.sse import CompletionAssembler, data_payloads
 
 log = logging.getLogger("llm_proxy.upstream")
 
 USER_AGENT = "llm-proxy/1.0"
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+_PIECE = 64 * 1024
+"""Most read from the socket at once: what one read brings, so an event is relayed when it comes."""
+
+
+class _TooLarge(Exception):
+    """The answer went past ``max_response_bytes``."""
+
+
+class _Overtime(Exception):
+    """The call's deadline passed while its body was still flowing."""
 
 
 class UpstreamClient:
@@ -35,10 +48,19 @@ class UpstreamClient:
     at high completion rates, more than the HTTP exchange itself.
     """
 
-    def __init__(self, *, base_url: str, api_key: str | None, timeout: float, pool_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        pool_size: int,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         parts = urllib3.util.parse_url(base_url.rstrip("/") + "/chat/completions")
         self._path = parts.request_uri
         self._timeout = timeout
+        self._max_bytes = max_response_bytes
         self._pool = urllib3.connection_from_url(
             parts.url,
             maxsize=max(1, pool_size),
@@ -54,9 +76,12 @@ class UpstreamClient:
     def complete(self, body: dict[str, Any]) -> Outcome:
         data = json.dumps(forwarded_body(body)).encode("utf-8")
 
-        def attempt() -> Outcome:
-            reply = self._post(data, preload=True)
-            return classify_response(reply.status, reply.data, reply.headers)
+        def attempt(ends: float) -> Outcome:
+            reply = self._post(data)
+            try:
+                return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
+            finally:
+                _discard(reply)
 
         return self._guarded(attempt)
 
@@ -66,16 +91,17 @@ class UpstreamClient:
         data = json.dumps(forwarded_body(body, stream=True)).encode("utf-8")
         relayed = False
 
-        def attempt() -> Outcome:
+        def attempt(ends: float) -> Outcome:
             nonlocal relayed
-            reply = self._post(data, preload=False)
+            reply = self._post(data)
             try:
                 if not 200 <= reply.status < 300 or "event-stream" not in (
                     reply.headers.get("content-type") or ""
                 ):
-                    return classify_response(reply.status, reply.read(), reply.headers)
+                    return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
                 assembler = CompletionAssembler()
-                for payload in data_payloads(reply.stream(8192)):
+                sent = 0
+                for payload in data_payloads(self._body(reply, ends)):
                     if payload == b"[DONE]":
                         return Outcome(response_json=json.dumps(assembler.completion()), relayed=relayed)
                     _, chunk = parse_json(payload)
@@ -84,19 +110,41 @@ class UpstreamClient:
                     if isinstance(chunk.get("error"), dict):
                         outcome = classify_response(500, payload, {})
                         return Outcome(error=outcome.error, retryable=not relayed, relayed=relayed)
+                    event = b"data: " + payload + b"\n\n"
+                    sent += len(event)
+                    if sent > self._max_bytes:
+                        raise _TooLarge
                     assembler.add(chunk)
-                    on_event(b"data: " + payload + b"\n\n")
+                    on_event(event)
                     relayed = True
                 error = {"message": "the upstream's stream ended before [DONE]", "type": "upstream_error"}
                 return Outcome(error=error, retryable=not relayed, relayed=relayed)
             finally:
-                # A stream may stop anywhere: the connection is not reused.
-                reply.close()
+                _discard(reply)
 
         outcome = self._guarded(attempt)
         return cut_short(outcome, relayed) if relayed and not outcome.ok else outcome
 
-    def _post(self, data: bytes, *, preload: bool) -> Any:
+    def _body(self, reply: urllib3.BaseHTTPResponse, ends: float) -> Iterator[bytes]:
+        """The body as it arrives, never more than ``max_response_bytes`` of it, and not past the
+        monotonic time ``ends``. Each piece is what one socket read brought: a stream whose end is
+        the connection's close is relayed event by event, not 8 KB or the whole stream at a time."""
+        declared = (reply.headers.get("content-length") or "").strip()
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            raise _TooLarge
+        received = 0
+        while piece := reply.read1(_PIECE):
+            received += len(piece)
+            if received > self._max_bytes:
+                raise _TooLarge
+            yield piece
+            # A body that is always ready to read never blocks this greenlet, so without this
+            # the other calls, the web side and the deadline's own timer would wait for its end.
+            gevent.sleep(0)
+            if time.monotonic() >= ends:
+                raise _Overtime
+
+    def _post(self, data: bytes) -> Any:
         return self._pool.urlopen(
             "POST",
             self._path,
@@ -104,16 +152,21 @@ class UpstreamClient:
             headers=self._headers,
             redirect=False,
             retries=False,
-            preload_content=preload,
+            preload_content=False,
         )
 
-    def _guarded(self, attempt: Callable[[], Outcome]) -> Outcome:
+    def _guarded(self, attempt: Callable[[float], Outcome]) -> Outcome:
         """One call under a total deadline (urllib3's read timeout is per socket read, not for the
-        whole answer), with transport failures turned into outcomes."""
+        whole answer), with transport failures turned into outcomes. ``attempt`` gets the deadline
+        as a monotonic time, for the body's reads to check between pieces."""
         deadline = gevent.Timeout(self._timeout)
         deadline.start()
         try:
-            return attempt()
+            return attempt(time.monotonic() + self._timeout)
+        except _TooLarge:
+            return too_large_outcome(self._max_bytes)
+        except _Overtime:
+            return timeout_outcome(self._timeout)
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
@@ -135,3 +188,11 @@ class UpstreamClient:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _discard(reply: urllib3.BaseHTTPResponse) -> None:
+    """Close what is left of an answer. A body read to its end has already given its connection
+    back to the pool (urllib3 does that), and this does nothing; one stopped anywhere else leaves
+    unread bytes on its connection, which is closed rather than reused."""
+    reply.close()
+    reply.release_conn()

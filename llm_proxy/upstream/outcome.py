@@ -151,6 +151,17 @@ def network_outcome(exc: Exception) -> Outcome:
     )
 
 
+def too_large_outcome(limit: int) -> Outcome:
+    # Not retried: the same call would most likely bring the same answer again.
+    return Outcome(
+        error={
+            "message": f"the upstream's answer is larger than MAX_RESPONSE_BYTES ({limit} bytes)",
+            "type": "response_too_large",
+        },
+        retryable=False,
+    )
+
+
 def timeout_outcome(seconds: float) -> Outcome:
     return Outcome(
         error={"message": f"the upstream did not answer within {seconds:g} s", "type": "timeout"},

@@ -32,7 +32,12 @@ def data_payloads(pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 
 class CompletionAssembler:
-    """Folds ``chat.completion.chunk`` objects into one ``chat.completion``."""
+    """Folds ``chat.completion.chunk`` objects into one ``chat.completion``.
+
+    Text (content, refusal, a tool call's name and arguments) is kept as a list of its pieces and
+    joined once in ``completion``: adding each piece to a growing string copies all of it every
+    time, quadratic in the answer's length (20,000 chunks of 500 bytes took 36 s of CPU).
+    """
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
@@ -57,29 +62,51 @@ class CompletionAssembler:
                 message["role"] = delta["role"]
             for text_field in ("content", "refusal"):
                 if delta.get(text_field) is not None:
-                    message[text_field] = (message.get(text_field) or "") + delta[text_field]
+                    if message.get(text_field) is None:
+                        message[text_field] = []
+                    message[text_field].append(delta[text_field])
             for call in delta.get("tool_calls") or []:
                 calls = message.setdefault("tool_calls", [])
                 position = int(call.get("index", 0))
                 while len(calls) <= position:
-                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                    calls.append({"id": None, "type": "function", "function": {"name": [], "arguments": []}})
                 target = calls[position]
                 if call.get("id"):
                     target["id"] = call["id"]
                 if call.get("type"):
                     target["type"] = call["type"]
                 function = call.get("function") or {}
-                target["function"]["name"] += function.get("name") or ""
-                target["function"]["arguments"] += function.get("arguments") or ""
+                for part_name in ("name", "arguments"):
+                    if function.get(part_name):
+                        target["function"][part_name].append(function[part_name])
             if part.get("finish_reason"):
                 choice["finish_reason"] = part["finish_reason"]
 
     def completion(self) -> dict[str, Any]:
         result: dict[str, Any] = {**self._head, "object": "chat.completion"}
-        result["choices"] = [self._choices[i] for i in sorted(self._choices)]
+        result["choices"] = [_joined_choice(self._choices[i]) for i in sorted(self._choices)]
         if self._usage is not None:
             result["usage"] = self._usage
         return result
+
+
+def _joined_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice as the assembler keeps it (text as lists of pieces), with its text joined."""
+    message: dict[str, Any] = {}
+    for name, value in choice["message"].items():
+        if name == "tool_calls":
+            message[name] = [
+                {
+                    **call,
+                    "function": {part: "".join(pieces) for part, pieces in call["function"].items()},
+                }
+                for call in value
+            ]
+        elif isinstance(value, list):
+            message[name] = "".join(value)
+        else:
+            message[name] = value
+    return {**choice, "message": message}
 
 
 def completion_as_events(completion: dict[str, Any]) -> bytes:

@@ -72,6 +72,7 @@ def _serve(config: Config, backend: Backend) -> int:
         api_key=config.openai_api_key,
         timeout=config.request_timeout,
         pool_size=config.max_concurrent,
+        max_response_bytes=config.max_response_bytes,
     )
     sender = WebhookSender(
         secret=config.webhook_secret,

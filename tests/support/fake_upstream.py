@@ -5,7 +5,17 @@ A request steers its own answer with a top-level ``x_fake`` object (the proxy pa
 through): ``{"key": "k", "delay": 0.2, "fail_times": 2, "fail_status": 503, "status": 400,
 "retry_after": "0", "error_code": "insufficient_quota", "garbage": true, "slow_times": 1}``.
 ``fail_times`` and ``slow_times`` (only the first n calls wait ``delay``) count per ``key``.
-``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen; ``POST /_reset`` clears it.
+Big and chatty answers, sent as fast as the connection takes them: ``"huge": n`` answers a valid
+``chat.completion`` whose content is ``n`` bytes (with a Content-Length, chunked with ``"chunked": true``);
+``"endless": s`` a body that never ends (a JSON object's start, then padding; a stream: a flood of
+comment lines after its first event), stopped after ``s`` seconds only as a safety net; with
+``stream``, ``"chunks": n`` streams ``n`` content chunks of ``"piece"`` (default ``"x"``) and
+``"close_delimited": true`` sends the stream without chunked encoding, ending it by closing the connection.
+``GET /_stats`` reports calls, in-flight and peak concurrency and what was seen (``sent``: body bytes
+of big answers handed to the connection, ``finished``: once one has ended, whether it was sent whole,
+by ``key``;
+``client_ports``: the connections calls came on);
+``POST /_reset`` clears it.
 """
 
 from gevent import monkey
@@ -23,7 +33,26 @@ from collections.abc import Iterable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
+from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
+
+_BLOCK = b"x" * 65536
+_COMMENTS = b": keep-alive\n" * 5000
+
+
+class FakeHandler(WSGIHandler):  # type: ignore[misc]  # gevent is untyped
+    close_connection: bool
+    response_use_chunked: bool
+    response_headers: list[tuple[bytes, bytes]]
+
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.close_connection and self.response_use_chunked:
+            # The app said "Connection: close" and gave no length: the body ends with the
+            # connection, as some upstreams (plain HTTP/1.0-style servers) end their streams.
+            self.response_use_chunked = False
+            self.response_headers = [
+                (name, value) for name, value in self.response_headers if name.lower() != b"transfer-encoding"
+            ]
 
 
 class FakeUpstream:
@@ -41,6 +70,9 @@ class FakeUpstream:
         self.streamed = 0
         self.first_call_at: dict[str, float] = {}
         self.streamed_calls = 0
+        self.sent: Counter[str] = Counter()
+        self.finished: dict[str, bool] = {}
+        self.client_ports: set[int] = set()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -53,6 +85,9 @@ class FakeUpstream:
             "streamed": self.streamed,
             "first_call_at": self.first_call_at,
             "streamed_calls": self.streamed_calls,
+            "sent": dict(self.sent),
+            "finished": self.finished,
+            "client_ports": sorted(self.client_ports),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -81,6 +116,7 @@ class FakeUpstream:
         if key and key not in self.first_call_at:
             self.first_call_at[key] = arrived
         self.authorizations.add(environ.get("HTTP_AUTHORIZATION", ""))
+        self.client_ports.add(int(environ.get("REMOTE_PORT") or 0))
         if "webhookUrl" in body:
             self.bodies_with_proxy_fields += 1
         if "stream" in body or "stream_options" in body:
@@ -119,8 +155,13 @@ class FakeUpstream:
             content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
             if body.get("stream"):
                 self.streamed_calls += 1
-                start_response("200 OK", [("Content-Type", "text/event-stream")])
+                headers = {"Content-Type": "text/event-stream"}
+                if fake.get("close_delimited"):
+                    headers["Connection"] = "close"
+                start_response("200 OK", list(headers.items()))
                 return self._stream(f"echo: {content}", body, fake, int(arrived))
+            if "huge" in fake or "endless" in fake:
+                return self._big(start_response, body, fake, key, int(arrived))
             return self._json(
                 start_response,
                 200,
@@ -145,7 +186,12 @@ class FakeUpstream:
     def _stream(self, text: str, body: dict[str, Any], fake: dict[str, Any], created: int) -> Iterator[bytes]:
         """The answer as OpenAI streams it, a word per chunk, ``chunk_delay`` apart; with
         ``break_after`` the connection drops after that many chunks."""
-        words = text.split(" ")
+        if "chunks" in fake:
+            words = [str(fake.get("piece", "x"))] * int(fake["chunks"])
+            pieces = words
+        else:
+            words = text.split(" ")
+            pieces = [word if number == 0 else " " + word for number, word in enumerate(words)]
         head = {
             "id": f"chatcmpl-{self.calls}",
             "object": "chat.completion.chunk",
@@ -159,11 +205,15 @@ class FakeUpstream:
         yield event(
             {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         )
-        for number, word in enumerate(words):
+        if "endless" in fake:
+            ends = time.monotonic() + float(fake["endless"])
+            while time.monotonic() < ends:
+                yield _COMMENTS
+            return
+        for number, piece in enumerate(pieces):
             if "break_after" in fake and number >= int(fake["break_after"]):
                 raise ConnectionError("induced break")
             gevent.sleep(float(fake.get("chunk_delay", 0.0)))
-            piece = word if number == 0 else " " + word
             yield event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
         yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -178,6 +228,54 @@ class FakeUpstream:
                 }
             )
         yield b"data: [DONE]\n\n"
+
+    def _big(
+        self, start_response: Any, body: dict[str, Any], fake: dict[str, Any], key: str, created: int
+    ) -> Iterator[bytes]:
+        size = int(fake.get("huge", 0))
+        completion = {
+            "id": f"chatcmpl-{self.calls}",
+            "object": "chat.completion",
+            "created": created,
+            "model": body.get("model"),
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "@"}}
+            ],
+        }
+        before, after = json.dumps(completion).encode().split(b'"@"')
+        before += b'"'
+        after = b'"' + after
+        headers = [("Content-Type", "application/json")]
+        if "endless" not in fake and not fake.get("chunked"):
+            headers.append(("Content-Length", str(len(before) + size + len(after))))
+        start_response("200 OK", headers)
+        return self._big_body(before, size, after, fake, key)
+
+    def _big_body(
+        self, before: bytes, size: int, after: bytes, fake: dict[str, Any], key: str
+    ) -> Iterator[bytes]:
+        whole = False
+        try:
+            yield before
+            self.sent[key] += len(before)
+            if "endless" in fake:
+                ends = time.monotonic() + float(fake["endless"])
+                while time.monotonic() < ends:
+                    yield _BLOCK
+                    self.sent[key] += len(_BLOCK)
+                return
+            left = size
+            while left > 0:
+                piece = _BLOCK[:left]
+                yield piece
+                self.sent[key] += len(piece)
+                left -= len(piece)
+            yield after
+            self.sent[key] += len(after)
+            whole = True
+        finally:
+            # Also when a send fails: the client closed the connection before the end.
+            self.finished[key] = whole
 
     @staticmethod
     def _json(
@@ -205,7 +303,7 @@ def main() -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", args.port))
     listener.listen(1024)
-    server = WSGIServer(listener, FakeUpstream(args.delay), log=None)
+    server = WSGIServer(listener, FakeUpstream(args.delay), log=None, handler_class=FakeHandler)
     server.start()
     print(f"PORT {listener.getsockname()[1]}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
