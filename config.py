@@ -75,6 +75,16 @@ class Config:
         }
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
+    def warnings(self) -> list[str]:
+        """What may work but is probably a mistake, for the start-up log."""
+        found = []
+        if self.openai_api_key is None and urlsplit(self.openai_api_base_url).hostname == OPENAI_HOST:
+            found.append(
+                "OPENAI_API_KEY is not set and the upstream (OPENAI_API_BASE_URL) is OpenAI's:"
+                " it will refuse every call (401)"
+            )
+        return found
+
 
 def _int(name: str, raw: str, minimum: int) -> int:
     try:
@@ -113,8 +123,26 @@ def _base_url(name: str, raw: str) -> str:
     return url
 
 
+PLACEHOLDERS = {
+    "API_KEY": "change-me-to-a-long-random-key",
+    "OPENAI_API_KEY": "sk-your-upstream-key",
+}
+"""The example values of ``.env.example``: a service started with them would accept a key anyone
+can read and send a key the upstream refuses."""
+OPENAI_HOST = "api.openai.com"
+
+
+def _not_placeholder(name: str, value: str) -> str:
+    if value == PLACEHOLDERS.get(name):
+        raise ConfigError(
+            f"{name} is still the example value from .env.example; set a real one"
+            + (" (or remove it to have a key generated)" if name == "API_KEY" else "")
+        )
+    return value
+
+
 def _keys(name: str, raw: str) -> tuple[str, ...]:
-    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    keys = tuple(_not_placeholder(name, k.strip()) for k in raw.split(",") if k.strip())
     for key in keys:
         if len(key) < 8:
             raise ConfigError(f"{name}: every key must be at least 8 characters long")
@@ -164,7 +192,7 @@ def load_config(env: Mapping[str, str]) -> Config:
 
     take("PORT", "port", lambda n, r: _int(n, r, 1))
     take("API_KEY", "api_keys", _keys)
-    take("OPENAI_API_KEY", "openai_api_key", lambda n, r: r.strip())
+    take("OPENAI_API_KEY", "openai_api_key", lambda n, r: _not_placeholder(n, r.strip()))
     take("OPENAI_API_BASE_URL", "openai_api_base_url", _base_url)
     take("MAX_CONCURRENT", "max_concurrent", lambda n, r: _int(n, r, 1))
     take("MAX_RETRIES", "max_retries", lambda n, r: _int(n, r, 0))

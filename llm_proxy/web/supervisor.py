@@ -73,6 +73,12 @@ class WorkerSupervisor:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
 
+    def hurry(self) -> None:
+        """Ask the stopping worker to put its calls in flight back now."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(processes.HURRY_SIGNAL)
+
     def stop(self, timeout: float) -> None:
         """Stop the worker: SIGTERM, ``timeout`` seconds to finish, then SIGKILL."""
         self.begin_stop()

@@ -78,6 +78,7 @@ class Dispatcher:
         self._running: dict[str, tuple[gevent.Greenlet[..., None], Claim]] = {}
         self._nudged = gevent.event.Event()
         self._stopping = stopping
+        self._hurried = gevent.event.Event()
         self._stopped = gevent.event.Event()
 
     @property
@@ -88,8 +89,26 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Ask the loop to finish: no new claims; in-flight jobs get ``shutdown_timeout``."""
+        if not self._stopping.is_set() and self._jobs:
+            log.info(
+                "stopping: waiting up to %.0f s (SHUTDOWN_TIMEOUT) for %d request(s) in flight;"
+                " Ctrl-C again puts them back in the queue now",
+                self._settings.shutdown_timeout,
+                len(self._jobs),
+            )
         self._stopping.set()
         self._nudged.set()
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._stopping.is_set())
+
+    def hurry(self) -> None:
+        """Stop without waiting for the jobs in flight: they go back in the queue now."""
+        if self._jobs:
+            log.warning("putting %d request(s) in flight back in the queue now", len(self._jobs))
+        self._hurried.set()
+        self.stop()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return bool(self._stopped.wait(timeout))
@@ -194,10 +213,14 @@ class Dispatcher:
                     greenlet.kill(LeaseLost, block=False)
 
     def _drain(self) -> None:
-        if not self._jobs.join(timeout=self._settings.shutdown_timeout):
+        joined = gevent.spawn(self._jobs.join)
+        gevent.wait([joined, self._hurried], timeout=self._settings.shutdown_timeout, count=1)
+        joined.kill()
+        if self._jobs and not self._hurried.is_set():
             log.warning(
                 "%d request(s) still in flight after %.0f s; putting them back in the queue",
                 len(self._jobs),
                 self._settings.shutdown_timeout,
             )
+        if self._jobs:
             self._jobs.kill(exception=GracefulStop, block=True, timeout=5)

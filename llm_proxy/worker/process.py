@@ -123,13 +123,21 @@ def _serve(config: Config, backend: Backend) -> int:
         maintenance=(backend.outbox.compact,),
     )
     gevent.signal_handler(signal.SIGTERM, dispatcher.stop)
-    gevent.signal_handler(signal.SIGINT, dispatcher.stop)
     parent = os.environ.get(processes.SUPERVISOR_PID_ENV)
     if parent and parent.isdigit():
+        # The web process relays Ctrl-C: SIGTERM to stop, HURRY_SIGNAL on the second one.
+        gevent.signal_handler(signal.SIGINT, lambda: None)
+        gevent.signal_handler(processes.HURRY_SIGNAL, dispatcher.hurry)
         gevent.spawn(_watch_parent, int(parent), dispatcher)
+    else:
+        gevent.signal_handler(
+            signal.SIGINT, lambda: dispatcher.hurry() if dispatcher.stopping else dispatcher.stop()
+        )
     log.info(
         "worker started: MAX_CONCURRENT=%d, upstream %s", config.max_concurrent, config.openai_api_base_url
     )
+    for warning in config.warnings():
+        log.warning("%s", warning)
     delivering = gevent.spawn(deliverer.run)
     try:
         dispatcher.run()

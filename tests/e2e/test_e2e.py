@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 
 from conftest import API_KEY, ROOT, FakeUpstream, Receiver, Service, body, procfile_command, wait_until
@@ -149,6 +150,19 @@ def test_bad_configuration_exits_with_code_2_and_names_the_variable(
     process = service.start(wait=False)
     assert process.wait(timeout=20) == 2
     assert "MAX_CONCURRENT" in service.log()
+
+
+@pytest.mark.parametrize(
+    "name,placeholder",
+    [("API_KEY", "change-me-to-a-long-random-key"), ("OPENAI_API_KEY", "sk-your-upstream-key")],
+)
+def test_the_example_s_placeholder_keys_stop_the_start(
+    make_service: MakeService, name: str, placeholder: str
+) -> None:
+    service = make_service(start=False, **{name: placeholder})
+    process = service.start(wait=False)
+    assert process.wait(timeout=20) == 2
+    assert f"{name} is still the example value" in service.log()
 
 
 def test_a_second_worker_on_the_same_data_dir_refuses_to_start(make_service: MakeService) -> None:

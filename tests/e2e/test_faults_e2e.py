@@ -162,3 +162,56 @@ def test_a_data_dir_in_another_layout_is_refused_with_a_message(make_service: Ma
     assert log.count("the embedded back end cannot run safely") == 2
     assert "ack_queue_jobs" in log and "requirements.txt" in log
     assert "Traceback" not in log
+
+
+def _ctrl_c(process_group: int) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground group."""
+    os.killpg(process_group, signal.SIGINT)
+
+
+def test_ctrl_c_says_what_it_waits_for_and_a_second_one_puts_the_calls_back_now(
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
+) -> None:
+    service = make_service(MAX_CONCURRENT="2", SHUTDOWN_TIMEOUT="60", **backend_env)
+    fake_upstream.reset()
+    ids = [
+        service.submit(body(x_fake={"key": f"ctrl-c-{i}", "delay": 60, "slow_times": 1})).json()["request_id"]
+        for i in range(2)
+    ]
+    wait_until(lambda: fake_upstream.stats()["inflight"] == 2, timeout=10)
+    assert service.process is not None
+    _ctrl_c(service.process.pid)
+    wait_until(lambda: "Ctrl-C again" in service.log(), timeout=10)
+    assert "SHUTDOWN_TIMEOUT" in service.log() and "2 request(s) in flight" in service.log()
+    time.sleep(0.5)
+    assert service.process.poll() is None  # still waiting for the calls, as it said
+    started = time.monotonic()
+    _ctrl_c(service.process.pid)
+    assert service.process.wait(timeout=20) == 0
+    assert time.monotonic() - started < 15  # not the 60 s of SHUTDOWN_TIMEOUT
+    # Put back, not lost: after a restart both run again and the cut calls do not count.
+    service.start()
+    for rid in ids:
+        final = service.wait_final(rid, timeout=30)
+        assert final["status"] == "completed" and final["attempts"] == 1
+
+
+def test_a_second_ctrl_c_hurries_a_worker_run_on_its_own(
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
+) -> None:
+    service = make_service(MAX_CONCURRENT="2", SHUTDOWN_TIMEOUT="60", EMBEDDED_WORKER="false", **backend_env)
+    worker = service.start("worker")
+    fake_upstream.reset()
+    rid = service.submit(body(x_fake={"key": "ctrl-c-alone", "delay": 60, "slow_times": 1})).json()[
+        "request_id"
+    ]
+    wait_until(lambda: fake_upstream.stats()["inflight"] == 1, timeout=10)
+    _ctrl_c(worker.pid)
+    wait_until(lambda: "Ctrl-C again" in service.log(), timeout=10)
+    time.sleep(0.5)
+    assert worker.poll() is None
+    _ctrl_c(worker.pid)
+    assert worker.wait(timeout=20) == 0
+    assert service.status(rid).json()["status"] == "pending"  # back in the queue
+    service.start("worker")
+    assert service.wait_final(rid, timeout=30)["status"] == "completed"

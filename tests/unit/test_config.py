@@ -80,3 +80,23 @@ def test_empty_values_mean_default() -> None:
 def test_repr_hides_secrets() -> None:
     text = repr(load_config({"API_KEY": "very-secret-key", "OPENAI_API_KEY": "sk-secret"}))
     assert "very-secret-key" not in text and "sk-secret" not in text
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "OPENAI_API_KEY"])
+def test_the_example_placeholders_are_refused_by_name(name: str) -> None:
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    placeholder = next(line.split("=", 1)[1] for line in example.splitlines() if line.startswith(f"{name}="))
+    with pytest.raises(ConfigError) as raised:
+        load_config({name: placeholder})
+    assert str(raised.value).startswith(name) and ".env.example" in str(raised.value)
+    if name == "API_KEY":
+        # Nor hidden among real keys.
+        with pytest.raises(ConfigError):
+            load_config({name: f"a-real-key-123456,{placeholder}"})
+
+
+def test_an_unset_upstream_key_for_openai_is_warned_about() -> None:
+    assert any("OPENAI_API_KEY" in w for w in load_config({}).warnings())
+    assert load_config({"OPENAI_API_KEY": "sk-real"}).warnings() == []
+    # A local upstream (Ollama, vLLM) may need no key.
+    assert load_config({"OPENAI_API_BASE_URL": "http://127.0.0.1:11434/v1"}).warnings() == []
