@@ -13,12 +13,13 @@ from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from llm_proxy.api.answers import final_answer
+from llm_proxy.api.answers import final_answer, still_running
 from llm_proxy.api.auth import KeyAuth, KeyChecker
 from llm_proxy.api.http import (
     BadLength,
     BodyTooLarge,
     SecureJSONMiddleware,
+    UnreadableBody,
     WSGIApp,
     error_payload,
     error_response,
@@ -26,14 +27,15 @@ from llm_proxy.api.http import (
     json_response,
     read_body,
 )
-from llm_proxy.api.service import Accepted, Ended, Found, QueueFull, RequestService
-from llm_proxy.api.streams import replayed_stream, stream_answer
+from llm_proxy.api.service import Accepted, Ended, Found, RequestService
+from llm_proxy.api.streams import WatchedSink, replayed_stream, stream_answer
 from llm_proxy.api.validation import BodyError, parse_chat_completion
 from llm_proxy.domain.job import Job, new_request_id, now_ms
 from llm_proxy.domain.status import Status
 from llm_proxy.domain.views import status_json
 from llm_proxy.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from llm_proxy.storage.base import IdempotencyConflict, StorageUnavailable, WebSignals
+from llm_proxy.services.health import HEALTHY, Health
+from llm_proxy.storage.base import IdempotencyConflict, QueueFull, StorageUnavailable, WebSignals
 from llm_proxy.webhooks.safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
@@ -53,13 +55,20 @@ class ApiSettings:
     sync_wait_max: float = 25.0
     metrics_public: bool = False
     stream_hold: float = 3.0
-    """How long a streamed answer holds back its 200 waiting for the first event."""
+    """How long a streamed answer may hold back its 200 waiting for its first event or its end
+    (and never longer than the client's wait)."""
     stream_keepalive: float = 10.0
 
 
 def preferred_wait(prefer: str | None, cap: float) -> float:
-    """Seconds asked for by ``Prefer: wait`` / ``Prefer: wait=N`` (RFC 7240), capped; 0 if not asked.
-    As the RFC says, a preference that cannot be understood is ignored."""
+    """Seconds asked for by ``Prefer: wait`` / ``Prefer: wait=N`` (RFC 7240), capped; 0 if not asked."""
+    asked = _asked_wait(prefer, cap)
+    return 0.0 if asked is None else asked
+
+
+def _asked_wait(prefer: str | None, cap: float) -> float | None:
+    """As the RFC says, a preference that cannot be understood is ignored: None then, as when
+    there is none."""
     for preference in (prefer or "").split(","):
         name, _, value = preference.split(";")[0].partition("=")
         if name.strip().lower() != "wait":
@@ -70,9 +79,33 @@ def preferred_wait(prefer: str | None, cap: float) -> float:
         try:
             seconds = float(value)
         except ValueError:
-            return 0.0
-        return min(seconds, cap) if 0 <= seconds < float("inf") else 0.0
-    return 0.0
+            return None
+        return min(seconds, cap) if 0 <= seconds < float("inf") else None
+    return None
+
+
+def asks_async(prefer: str | None) -> bool:
+    """``Prefer: respond-async`` (RFC 7240): the 202 at once, or after its ``wait``."""
+    return any(
+        preference.split(";")[0].partition("=")[0].strip().lower() == "respond-async"
+        for preference in (prefer or "").split(",")
+    )
+
+
+def submit_wait(prefer: str | None, cap: float, *, sdk: bool) -> float:
+    """How long a submit waits for the result. The OpenAI SDKs (and LiteLLM, LangChain, ... on
+    them) cannot read a 202, so their requests wait unless they ask for ``respond-async``; other
+    clients get the 202 at once unless they ask to wait."""
+    asked = _asked_wait(prefer, cap)
+    if asked is not None:
+        return asked
+    return cap if sdk and not asks_async(prefer) else 0.0
+
+
+def from_openai_sdk() -> bool:
+    """The OpenAI SDKs send ``X-Stainless-Lang`` (and their other X-Stainless-* headers) on
+    every request."""
+    return header("X-Stainless-Lang") is not None
 
 
 def wait_seconds(raw: str | None, cap: float) -> float | None:
@@ -117,6 +150,7 @@ def create_app(
     settings: ApiSettings,
     render_metrics: Callable[[], bytes],
     signals: WebSignals | None = None,
+    health: Callable[[], Health] = lambda: HEALTHY,
 ) -> WSGIApp:
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
     # (with catchall, Bottle would also write the traceback to wsgi.errors).
@@ -126,8 +160,9 @@ def create_app(
     openapi = OPENAPI_PATH.read_bytes()
 
     @api.get("/health", auth=False)
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health_check() -> HTTPResponse:
+        found = health()
+        return json_response(200 if found.ok else 503, found.to_dict())
 
     @api.get("/metrics", auth=not settings.metrics_public)
     def prometheus(owner: str | None = None) -> HTTPResponse:
@@ -155,15 +190,20 @@ def create_app(
             )
         except BadLength:
             return invalid_body([{"path": "", "message": "invalid Content-Length"}])
+        except UnreadableBody as exc:
+            return exc.response()
         except BodyError as exc:
             return invalid_body(exc.details)
         webhook_url = body.get("webhookUrl")
         if webhook_url and not settings.webhook_allow_private:
             problem = check_url_literal(webhook_url)
             if problem:
-                return invalid_body(
-                    [{"path": "webhookUrl", "message": f"not an allowed webhook destination: {problem}"}]
+                # A local receiver is the usual first try: say what allows it.
+                message = (
+                    f"not an allowed webhook destination: {problem}; "
+                    "set WEBHOOK_ALLOW_PRIVATE=true to allow private and loopback addresses"
                 )
+                return invalid_body([{"path": "webhookUrl", "message": message}])
         key = header("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY.match(key):
             return error_response(
@@ -172,15 +212,20 @@ def create_app(
                 "invalid_request_error",
                 param="Idempotency-Key",
             )
-        wait = preferred_wait(header("Prefer"), settings.sync_wait_max)
+        prefer = header("Prefer")
+        sdk = from_openai_sdk()
+        wait = submit_wait(prefer, settings.sync_wait_max, sdk=sdk)
+        # A client that cannot read a 202 gets an error it raises when the wait runs out.
+        no_202 = sdk and not asks_async(prefer)
         streamed = bool(body.get("stream")) and wait > 0 and signals is not None
         job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms(), relay=streamed)
-        # Opened before the job is queued, so no relayed event can arrive before it.
-        sink = signals.open_relay(job.request_id) if streamed and signals is not None else None
+        # Opened before the job is queued, so neither a relayed event nor the final state can
+        # arrive before it.
+        sink = WatchedSink(service, signals, job.request_id) if streamed and signals is not None else None
         streaming = False
         try:
             accepted = service.submit(job, key)
-            reply = answer_submit(accepted, wait, sink)
+            reply = answer_submit(accepted, wait, sink, no_202=no_202)
             streaming = sink is not None and not accepted.replayed
             return reply
         except QueueFull as exc:
@@ -204,7 +249,7 @@ def create_app(
             if sink is not None and not streaming:
                 sink.close()
 
-    def answer_submit(accepted: Accepted, wait: float, sink: Any) -> HTTPResponse:
+    def answer_submit(accepted: Accepted, wait: float, sink: Any, *, no_202: bool) -> HTTPResponse:
         request_id = accepted.request_id
         headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
         if accepted.replayed:
@@ -215,7 +260,7 @@ def create_app(
                 request_id,
                 sink,
                 headers,
-                hold=settings.stream_hold,
+                hold=min(settings.stream_hold, wait),
                 keepalive=settings.stream_keepalive,
                 wait_max=settings.sync_wait_max,
             )
@@ -224,6 +269,8 @@ def create_app(
             if sink is not None and found.entry.status is Status.COMPLETED:
                 return replayed_stream(found.entry, headers)
             return final_answer(found.entry, headers)
+        if wait and no_202:
+            return still_running(request_id, wait, headers)
         place = service.place(accepted, found)
         if wait:
             headers["Retry-After"] = RETRY_AFTER_POLL

@@ -9,6 +9,7 @@ Exceptions::
     StorageUnavailable      the back end could not durably store or read (disk full, locked, gone)
     IdempotencyConflict     an idempotency key was reused with another body
     StorageIncompatible     installed libraries or on-disk layout differ from what the code relies on
+    StorageDamaged          stored data is damaged or gone: starting would lose requests without a word
     DatabaseUnusable        DATABASE_URL is malformed or its database unreachable at start
 """
 
@@ -21,7 +22,8 @@ from enum import Enum
 from typing import NamedTuple
 
 from llm_proxy.domain.job import Job
-from llm_proxy.domain.status import StatusEntry
+from llm_proxy.domain.listing import Listed, Summary
+from llm_proxy.domain.status import Status, StatusEntry
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 """Seconds an idempotency key keeps pointing at its request."""
@@ -33,6 +35,12 @@ class StorageUnavailable(Exception):
 
 class StorageIncompatible(Exception):
     """The installed storage libraries or the stored layout are not what this code was built on."""
+
+
+class StorageDamaged(Exception):
+    """The stored data is damaged (a file that is not a sound database) or a part of it is gone
+    while the rest still refers to it; the message says which and how to recover. Raised at start,
+    where refusing is the only way the loss is not silent."""
 
 
 class DatabaseUnusable(Exception):
@@ -233,6 +241,38 @@ class StatusStore(ABC):
     def close(self) -> None: ...
 
 
+# -- the index of requests per owner (the dashboard's lists) ---------------------------------------
+
+
+class RequestIndex(ABC):
+    """Every live request per owner, pending ones included, kept by the back end as it stores jobs
+    and statuses. Rows of expired results (``RESULT_TTL``) are never listed."""
+
+    @abstractmethod
+    def list_for(
+        self,
+        owner: str,
+        *,
+        status: Status | None = None,
+        endpoint: str | None = None,
+        before: tuple[int, str] | None = None,
+        limit: int = 50,
+    ) -> list[Listed]:
+        """The owner's requests, newest first (by ``submitted_at``, then request id), only those
+        strictly older than the cursor ``before`` (``submitted_at``, ``request_id`` of the last row
+        of the previous page). Reads one index range: as fast at 50,000 rows as at 50."""
+
+    @abstractmethod
+    def summary(self, owner: str, *, since: int) -> Summary:
+        """The owner's requests finished since ``since`` (milliseconds since the epoch), per
+        minute; the upstream latencies of the latest of them; and webhooks pending or failed."""
+
+    @abstractmethod
+    def purge_expired(self) -> int:
+        """Forget the rows of expired results now (a back end whose rows go with the status
+        entries' own purge returns 0)."""
+
+
 # -- the webhook outbox ----------------------------------------------------------------------------
 
 
@@ -402,6 +442,7 @@ class Backend(ABC):
     queue: JobQueue
     statuses: StatusStore
     outbox: Outbox
+    requests: RequestIndex
 
     @abstractmethod
     def web_signals(self) -> WebSignals:
@@ -452,6 +493,27 @@ class Backend(ABC):
     def previous_holders_gone(self) -> bool:
         """Whether, once admitted, every earlier lease is known dead (the embedded back end's one
         consumer knows; a networked one waits for leases to lapse)."""
+
+    def lost_requests(self) -> list[str]:
+        """Requests whose status is still pending or processing although the queue holds them no
+        more, so no worker will ever end them: the worker ends them as lost at its start, before it
+        claims anything. Only a back end whose queue and statuses live in separate files can lose
+        one without the other (a queue database deleted or moved aside); one that keeps both in one
+        database, ended in one transaction, has none, as this default says."""
+        return []
+
+    @abstractmethod
+    def beat(self, holder: str) -> None:
+        """Record, for ``probe`` in every process, that the worker ``holder`` is alive and its
+        dispatch loop turns. Raises StorageUnavailable when it could not be recorded."""
+
+    @abstractmethod
+    def probe(self) -> float | None:
+        """Read and write the store, as cheaply as proves both work (``/health`` asks about once a
+        second), and return how many seconds ago the freshest heartbeat of any worker (``beat``)
+        was recorded; None when there is none. Raises StorageUnavailable when the store cannot be
+        read or written. Waiting on another writer's lock is contention, not a failure: a back end
+        may report the store as working then."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -64,6 +64,7 @@ class Dispatcher:
         holder: str | None = None,
         previous_holders_gone: bool = False,
         maintenance: tuple[Callable[[], int], ...] = (),
+        heartbeat: Callable[[str], None] | None = None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -74,6 +75,8 @@ class Dispatcher:
         self._holder = holder or holder_name()
         self._previous_holders_gone = previous_holders_gone
         self._maintenance = maintenance
+        self._heartbeat = heartbeat
+        self._beating: gevent.Greenlet[..., None] | None = None
         self._jobs = gevent.pool.Group()
         self._running: dict[str, tuple[gevent.Greenlet[..., None], Claim]] = {}
         self._nudged = gevent.event.Event()
@@ -125,6 +128,8 @@ class Dispatcher:
                 log.info("%d interrupted request(s) are waiting again", recovered)
             self._loop()
         finally:
+            if self._beating is not None:
+                self._beating.kill(block=False)
             self._drain()
             gevent.killall(helpers)
             self._stopped.set()
@@ -140,8 +145,17 @@ class Dispatcher:
     def _loop(self) -> None:
         next_compact = time.monotonic() + COMPACT_INTERVAL
         next_purge = time.monotonic()
+        # Not at once: a worker that dies within its first seconds, again and again, never looks
+        # alive.
+        next_beat = time.monotonic() + self._settings.lease_seconds / 3
         while not self._stopping.is_set():
             now = time.monotonic()
+            beat = self._heartbeat
+            if beat and now >= next_beat and (self._beating is None or self._beating.ready()):
+                # From the loop itself, so a heartbeat means that claims go on; in a greenlet of
+                # its own, so a slow store delays no claim.
+                next_beat = now + self._settings.lease_seconds / 3
+                self._beating = gevent.spawn(self._beat, beat)
             if now >= next_compact:
                 next_compact = now + COMPACT_INTERVAL
                 for task in (self._queue.compact, *self._maintenance):
@@ -170,6 +184,14 @@ class Dispatcher:
                 running = self._jobs.spawn(self._runner.run, claim, self._limit.hold(claim))
                 self._running[request_id] = (running, claim)
                 running.link(lambda _, rid=request_id: self._running.pop(rid, None))
+
+    def _beat(self, beat: Callable[[str], None]) -> None:
+        period = self._settings.lease_seconds / 3
+        try:
+            with gevent.Timeout(period, StorageUnavailable("recording it took too long")):
+                beat(self._holder)
+        except StorageUnavailable as exc:
+            log.warning("cannot record the worker's heartbeat, will retry: %s", exc)
 
     def _maintain(self, task: Callable[[], int]) -> None:
         try:

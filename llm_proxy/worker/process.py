@@ -3,6 +3,7 @@ supervised child. Wires the back end, the upstream client and the webhook delive
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -13,10 +14,18 @@ import gevent.event
 
 from config import Config
 from llm_proxy import processes
+from llm_proxy.domain.job import now_ms
+from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
 from llm_proxy.observability.metrics import Metrics, enable_multiprocess
 from llm_proxy.services.finalize import Finalizer
-from llm_proxy.storage.base import Backend, DatabaseUnusable, StorageIncompatible, StorageUnavailable
+from llm_proxy.storage.base import (
+    Backend,
+    DatabaseUnusable,
+    StorageDamaged,
+    StorageIncompatible,
+    StorageUnavailable,
+)
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.upstream.client import UpstreamClient
 from llm_proxy.webhooks.delivery import WebhookDeliverer
@@ -36,6 +45,36 @@ def _watch_parent(expected: int, dispatcher: Dispatcher) -> None:
     dispatcher.stop()
 
 
+def _end_lost(backend: Backend, finalizer: Finalizer) -> None:
+    """End as ``error`` (type ``lost``) each request whose status says pending or processing
+    although the queue no longer holds it: no worker would ever end it, and it would show as
+    unfinished for good. Runs before the first claim, as the only consumer."""
+    try:
+        for request_id in backend.lost_requests():
+            entry = backend.statuses.get(request_id)
+            if entry is None or entry.status.final:
+                continue
+            lost = StatusEntry(
+                status=Status.ERROR,
+                request_json=entry.request_json,
+                owner=entry.owner,
+                timestamp=now_ms(),
+                error={
+                    "message": "the request was lost: it was no longer in the queue when the worker"
+                    " started (the queue database was deleted, emptied or moved aside); submit it again",
+                    "type": "lost",
+                    "attempts": entry.attempts_made,
+                },
+            )
+            body = json.loads(entry.request_json)
+            url = body.get("webhookUrl") if isinstance(body, dict) else None
+            if finalizer.finish(request_id, lost, webhook_url=str(url) if url else None) is not None:
+                log.warning("request %s: lost (it was %s)", request_id, entry.status.value)
+    except StorageUnavailable as exc:
+        # Not worth a crash loop: the next start looks again.
+        log.warning("could not end the lost requests now: %s", exc)
+
+
 def run_worker(config: Config) -> int:
     if not os.environ.get(METRICS_ENV):
         # Run on its own (not as web's child): share DATA_DIR/metrics with the web process.
@@ -46,6 +85,10 @@ def run_worker(config: Config) -> int:
         )
     except DatabaseUnusable as exc:
         print(f"llm-proxy worker: configuration error: {exc}", file=sys.stderr)
+        return processes.CONFIG_ERROR
+    except StorageDamaged as exc:
+        # Restarting cannot help: someone must restore or move the data aside first.
+        print(f"llm-proxy worker: {exc}", file=sys.stderr)
         return processes.CONFIG_ERROR
     except (StorageUnavailable, StorageIncompatible) as exc:
         print(f"llm-proxy worker: {exc}", file=sys.stderr)
@@ -95,6 +138,7 @@ def _serve(config: Config, backend: Backend) -> int:
         on_owed=deliverer.nudge,
         metrics=metrics,
     )
+    _end_lost(backend, finalizer)
     runner = JobRunner(
         queue=backend.queue,
         statuses=backend.statuses,
@@ -121,6 +165,7 @@ def _serve(config: Config, backend: Backend) -> int:
         signals=signals,
         previous_holders_gone=backend.previous_holders_gone,
         maintenance=(backend.outbox.compact,),
+        heartbeat=backend.beat,
     )
     gevent.signal_handler(signal.SIGTERM, dispatcher.stop)
     parent = os.environ.get(processes.SUPERVISOR_PID_ENV)

@@ -12,12 +12,17 @@ import gevent
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from webtest import TestApp
 
 from conftest import API_KEY, body
+from llm_proxy.api.app import ApiSettings, create_app
+from llm_proxy.api.auth import KeyChecker
 from llm_proxy.api.http import SECURITY_HEADERS
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.services.health import HealthMonitor
 from llm_proxy.storage.base import Claim, StorageUnavailable
+from llm_proxy.storage.factory import open_backend
 from llm_proxy.storage.sqlite.queue import PersistJobQueue
 from llm_proxy.storage.sqlite.statuses import DiskcacheStatusStore
 from llm_proxy.worker.runner import entry_for
@@ -57,7 +62,37 @@ def assert_error(reply: Any, status: int, kind: str) -> dict[str, Any]:
 
 def test_health_needs_no_key(h: Harness) -> None:
     reply = h.app.get("/health")
-    assert reply.json == {"status": "ok"}
+    assert reply.json == {"status": "ok", "problems": []}
+
+
+def test_health_reports_a_silent_worker_and_an_unusable_store_with_503(h: Harness) -> None:
+    def app_on(probe: Callable[[], float | None], clock: Callable[[], float]) -> TestApp:
+        monitor = HealthMonitor(probe, worker_silence=60, cache_seconds=0, clock=clock)
+        return TestApp(
+            create_app(
+                service=h.service,
+                keys=KeyChecker([API_KEY]),
+                settings=ApiSettings(max_body_bytes=16384),
+                render_metrics=lambda: b"",
+                health=monitor.check,
+            )
+        )
+
+    now = [0.0]
+    app = app_on(h.backend.probe, lambda: now[0])
+    assert app.get("/health").json == {"status": "ok", "problems": []}  # the grace period
+    now[0] = 61
+    silent = app.get("/health", status=503)
+    assert silent.json["status"] == "unavailable"
+    assert [p["check"] for p in silent.json["problems"]] == ["worker"]
+    assert silent.headers["Cache-Control"] == "no-store"
+    h.backend.beat("a-worker")
+    assert app.get("/health").json == {"status": "ok", "problems": []}
+    # A store that cannot be used (here: one closed under the web's feet).
+    closed = open_backend(data_dir=h.data_dir, database_url=h.database_url)
+    closed.close()
+    broken = app_on(closed.probe, lambda: now[0]).get("/health", status=503)
+    assert [p["check"] for p in broken.json["problems"]] == ["store"]
 
 
 def test_submit_answers_202_after_queueing_durably(make_web: Callable[..., Harness]) -> None:
@@ -214,7 +249,7 @@ def test_full_queue_is_429_with_retry_after(make_web: Callable[..., Harness]) ->
 class BrokenQueue(PersistJobQueue):
     """A real queue whose disk stops accepting writes (what a full disk looks like to us)."""
 
-    def put(self, job: Job) -> int:
+    def put(self, job: Job, *, max_waiting: int | None = None) -> int:
         raise StorageUnavailable("database or disk is full")
 
 
@@ -390,3 +425,72 @@ def test_cancelling_a_waiting_request_ends_it_at_once_and_for_good(h: Harness) -
     assert again.status_int == 200 and again.json["status"] == "cancelled"
     taken = h.backend.outbox.take(10, hold=60)
     assert [t.delivery.request_id for t in taken] == [rid]
+
+
+def test_a_wait_that_runs_out_answers_202_with_the_requests_real_status(
+    make_web: Callable[..., Harness],
+) -> None:
+    h = make_web(sync_wait_max=5)
+    taken: list[str] = []
+
+    def a_worker_takes_it() -> None:
+        gevent.sleep(0.05)
+        claim = claim_one(h.queue)
+        assert claim is not None
+        h.statuses.put(claim.job.request_id, entry_for(claim.job, Status.PROCESSING, attempts=1))
+        taken.append(claim.job.request_id)
+
+    gevent.spawn(a_worker_takes_it)
+    reply = h.submit(body("slow"), headers={"Prefer": "wait=0.5"}, status=202)
+    accepted = reply.json
+    assert taken == [accepted["request_id"]]
+    # What GET says too, not the "pending" at place 0 of a request that was never looked at.
+    assert accepted["status"] == h.get(accepted["request_id"]).json["status"] == "processing"
+    assert accepted["queue_position"] == 0 and accepted["active_requests"] == 1
+    assert reply.headers["Retry-After"] == "1"
+
+
+def test_an_error_status_has_top_level_attempts(h: Harness) -> None:
+    rid = h.submit(status=202).json["request_id"]
+    claim = claim_one(h.queue)
+    assert claim is not None
+    # As the worker stores a failure: the count in the error only.
+    failed = entry_for(
+        claim.job, Status.ERROR, error={"message": "m", "type": "upstream_error", "attempts": 3}
+    )
+    h.statuses.put(rid, failed, ttl=60)
+    shown = h.get(rid).json
+    assert shown["status"] == "error" and shown["attempts"] == 3 and shown["error"]["attempts"] == 3
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://localhost/hook", "http://[::1]/hook"])
+def test_a_loopback_webhook_is_refused_naming_the_setting_that_allows_it(
+    make_web: Callable[..., Harness], url: str
+) -> None:
+    refused = assert_error(make_web().submit(body(webhookUrl=url)), 400, "validation_error")
+    [detail] = refused["details"]
+    assert detail["path"] == "webhookUrl" and "WEBHOOK_ALLOW_PRIVATE=true" in detail["message"]
+    assert make_web(webhook_allow_private=True).submit(body(webhookUrl=url)).status_int == 202
+
+
+SDK_HEADERS = {"X-Stainless-Lang": "python", "X-Stainless-Package-Version": "1.0.0"}
+
+
+def test_an_openai_sdk_request_waits_and_never_gets_a_202_it_cannot_read(
+    make_web: Callable[..., Harness],
+) -> None:
+    h = make_web(sync_wait_max=0.2)
+    reply = h.submit(body(), headers=SDK_HEADERS)
+    error = assert_error(reply, 504, "wait_timeout")
+    rid = reply.headers["X-Request-Id"]
+    assert reply.headers["x-should-retry"] == "false"
+    assert rid in error["message"] and f"GET /v1/chat/completions/{rid}" in error["message"]
+    assert error["request_id"] == rid and error["code"] == "wait_timeout"
+    # It goes on: still queued, as the message says.
+    assert h.get(rid).json["status"] == "pending"
+    # RFC 7240's respond-async asks for the 202 explicitly, at once or after its wait.
+    assert h.submit(body(), headers={**SDK_HEADERS, "Prefer": "respond-async"}).status_int == 202
+    assert h.submit(body(), headers={**SDK_HEADERS, "Prefer": "respond-async, wait=0.1"}).status_int == 202
+    # Any other client keeps the 202 by default, and after a wait it asked for.
+    assert h.submit(body()).status_int == 202
+    assert h.submit(body(), headers={"Prefer": "wait=0.1"}).status_int == 202

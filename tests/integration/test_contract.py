@@ -23,6 +23,7 @@ from llm_proxy.storage.base import (
     IdempotencyConflict,
     JobQueue,
     QueueFull,
+    StorageUnavailable,
     Submitted,
 )
 from llm_proxy.storage.factory import open_backend
@@ -477,3 +478,35 @@ def test_consumers_are_admitted_as_the_back_end_allows(
             assert other.consumer_admitted()
     finally:
         other.close()
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+def test_heartbeats_reach_every_process_and_the_freshest_counts(
+    backend: Backend, opener: Callable[[Path], Backend], tmp_path: Path
+) -> None:
+    assert backend.probe() is None  # no worker ever beat
+    worker = opener(tmp_path)  # another process on the same store
+    try:
+        worker.beat("w1")
+        age = backend.probe()
+        assert age is not None and 0 <= age < 1
+        time.sleep(0.3)
+        older = backend.probe()
+        assert older is not None and older >= 0.25
+        # Another beat (of this worker, or of another where the back end admits several) counts.
+        worker.beat("w2")
+        fresh = backend.probe()
+        assert fresh is not None and fresh < older
+    finally:
+        worker.close()
+
+
+def test_a_store_that_cannot_be_used_fails_the_probe(
+    opener: Callable[[Path], Backend], tmp_path: Path
+) -> None:
+    gone = opener(tmp_path)
+    gone.close()
+    with pytest.raises(StorageUnavailable):
+        gone.probe()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import psycopg
+from psycopg.rows import TupleRow
+
 from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import (
     Backend,
     Claim,
     ConcurrencyLimit,
     Delivery,
+    StorageUnavailable,
     WebSignals,
     WorkerSignals,
 )
@@ -68,6 +72,27 @@ WITH acked AS (
     SELECT %(request_id)s, %(owner)s, %(url)s, %(payload)s FROM acked WHERE %(owes)s
 )
 SELECT count(*) FROM acked
+"""
+
+
+# A worker's heartbeat; heartbeats of workers gone for an hour are dropped on the way, so the
+# table stays as small as the number of live workers.
+_BEAT = """
+WITH gone AS (
+    DELETE FROM llm_proxy_heartbeats WHERE beat_at < now() - interval '1 hour' AND holder <> %(holder)s
+)
+INSERT INTO llm_proxy_heartbeats VALUES (%(holder)s, now())
+ON CONFLICT (holder) DO UPDATE SET beat_at = excluded.beat_at
+"""
+
+# /health's probe in one round trip: a write (one row, the same for every web process) and a read
+# of the freshest heartbeat, by the server's clock.
+_PROBE = """
+WITH written AS (
+    INSERT INTO llm_proxy_settings VALUES ('health_probe', now()::text)
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value
+)
+SELECT extract(epoch FROM now() - max(beat_at))::float8 FROM llm_proxy_heartbeats
 """
 
 
@@ -182,6 +207,23 @@ class PostgresBackend(Backend):
     def previous_holders_gone(self) -> bool:
         # Other workers may be alive: only lapsed leases are taken over.
         return False
+
+    def beat(self, holder: str) -> None:
+        self._checked("cannot record the worker's heartbeat", _BEAT, {"holder": holder})
+
+    def probe(self) -> float | None:
+        rows = self._checked("cannot read and write the database", _PROBE, None)
+        age = rows[0][0] if rows else None
+        return None if age is None else max(0.0, float(age))
+
+    def _checked(self, what: str, sql: str, args: dict[str, str] | None) -> list[TupleRow]:
+        """Any refusal is the store's failure here, one that ``Database`` leaves to the caller
+        included: a read-only database (a standby after a failover, a full disk's read-only mode)
+        refuses writes with errors that are not connection errors."""
+        try:
+            return self._db.execute(what, sql, args)
+        except psycopg.Error as exc:
+            raise StorageUnavailable(f"{what}: {exc}") from exc
 
     def close(self) -> None:
         for signals in self._signals:

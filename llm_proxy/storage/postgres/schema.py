@@ -87,6 +87,46 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER llm_proxy_count AFTER INSERT OR DELETE OR UPDATE OF state ON llm_proxy_jobs
         FOR EACH ROW EXECUTE FUNCTION llm_proxy_count();
     """,
+    # Each worker's last heartbeat, stamped by the server's clock (workers and web processes may
+    # run on machines whose clocks differ), for /health.
+    """
+    CREATE TABLE llm_proxy_heartbeats (holder text PRIMARY KEY, beat_at timestamptz NOT NULL);
+    """,
+    # The dashboard's index of requests per owner: the listed fields of each status, written by
+    # the statements that write the status (from one small JSON document each, read through the
+    # record type llm_proxy_listing), and the waiting jobs per owner (those without a status yet).
+    # Rows stored before this version get the fields their entry holds.
+    """
+    CREATE TYPE llm_proxy_listing AS (
+        owner text, status text, submitted_at bigint, endpoint text, model text, attempts integer,
+        error_type text, finished_at bigint, upstream_ms integer, webhook text
+    );
+    ALTER TABLE llm_proxy_statuses
+        ADD COLUMN owner text, ADD COLUMN status text, ADD COLUMN submitted_at bigint,
+        ADD COLUMN endpoint text, ADD COLUMN model text, ADD COLUMN attempts integer,
+        ADD COLUMN error_type text, ADD COLUMN finished_at bigint, ADD COLUMN upstream_ms integer,
+        ADD COLUMN webhook text;
+    UPDATE llm_proxy_statuses SET
+        owner = entry::json ->> 'owner',
+        status = entry::json ->> 'status',
+        submitted_at = coalesce(entry::json ->> 'submitted_at', entry::json ->> 'timestamp')::bigint,
+        endpoint = '/v1/chat/completions',
+        attempts = coalesce(entry::json ->> 'attempts', entry::json -> 'error' ->> 'attempts', '0')::integer,
+        error_type = entry::json -> 'error' ->> 'type',
+        finished_at = CASE WHEN entry::json ->> 'status' IN ('completed', 'error', 'cancelled')
+            THEN (entry::json ->> 'timestamp')::bigint END,
+        webhook = entry::json -> 'webhook' ->> 'state';
+    CREATE INDEX llm_proxy_statuses_newest
+        ON llm_proxy_statuses (owner, submitted_at DESC, request_id DESC);
+    CREATE INDEX llm_proxy_statuses_by_status
+        ON llm_proxy_statuses (owner, status, submitted_at DESC, request_id DESC);
+    CREATE INDEX llm_proxy_statuses_finished
+        ON llm_proxy_statuses (owner, finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX llm_proxy_statuses_webhooks
+        ON llm_proxy_statuses (owner, webhook) WHERE webhook IN ('pending', 'failed');
+    CREATE INDEX llm_proxy_jobs_owner
+        ON llm_proxy_jobs (owner, submitted_at DESC, request_id DESC) WHERE state < 3;
+    """,
 )
 
 
