@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import gevent
 from bottle import HTTPResponse, request
 
 log = logging.getLogger("llm_proxy.http")
@@ -109,6 +110,33 @@ class BadLength(Exception):
     """The Content-Length header is not a number."""
 
 
+BODY_TIMEOUT = 60.0
+"""Seconds a request body may take to arrive in full. Without a deadline a client that sends a byte
+now and then holds its connection (and a descriptor) for ever; a megabyte takes seconds on a slow
+link, so 60 s only ends clients that are stalled or hostile."""
+
+
+class UnreadableBody(Exception):
+    """The body could not be read: broken chunked framing, cut short, or too slow. Where the next
+    request would start is then unknown, so the answer closes the connection."""
+
+    def __init__(self, status: int, kind: str, message: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.detail = detail
+
+    def response(self) -> HTTPResponse:
+        return error_response(
+            self.status,
+            self.message,
+            self.kind,
+            headers={"Connection": "close"},
+            details=[{"path": "", "message": self.detail}],
+        )
+
+
 def header(name: str) -> str | None:
     """A request header as the WSGI server gave it (latin-1). Bottle's own accessor re-decodes
     values as UTF-8 and raises on bytes that are not, which must never become a 500."""
@@ -117,11 +145,13 @@ def header(name: str) -> str | None:
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes without reading them all."""
+    """The raw body, refusing more than ``limit`` bytes without reading them all, and a body that is
+    malformed, cut short or slower than ``BODY_TIMEOUT`` (``UnreadableBody``)."""
     stream = environ.get("wsgi.input")
     if stream is None:
         return b""
     declared = environ.get("CONTENT_LENGTH") or ""
+    length: int | None = None
     if declared.strip():
         try:
             length = int(declared)
@@ -129,9 +159,36 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
             raise BadLength from None
         if length > limit:
             raise BodyTooLarge
-        return bytes(stream.read(length)) if length > 0 else b""
-    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+    elif "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return b""
+    deadline = gevent.Timeout(BODY_TIMEOUT)
+    deadline.start()
+    try:
+        return _read_all(stream, length, limit)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise UnreadableBody(
+            408,
+            "request_timeout",
+            f"The request body did not arrive within {BODY_TIMEOUT:g} s.",
+            "body too slow",
+        ) from None
+    except (OSError, ValueError) as exc:
+        # gevent's input raises these for a bad chunk size, a missing CRLF, an oversized chunk
+        # extension or trailer, and an end of stream before the declared length: client errors.
+        detail = (
+            "the body is shorter than its Content-Length" if length is not None else "malformed chunked body"
+        )
+        log.info("unreadable request body: %s (%s)", detail, exc)
+        raise UnreadableBody(400, "validation_error", "Invalid request body", detail) from None
+    finally:
+        deadline.close()
+
+
+def _read_all(stream: Any, length: int | None, limit: int) -> bytes:
+    if length is not None:
+        return bytes(stream.read(length)) if length > 0 else b""
     chunks: list[bytes] = []
     size = 0
     while True:
