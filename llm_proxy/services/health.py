@@ -50,6 +50,8 @@ class Problem:
     check: str
     """``store`` or ``worker``."""
     message: str
+    detail: str = ""
+    """For the log only: /health answers anyone, and a store's error can name hosts and paths."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ class HealthMonitor:
                 age = self._probe()
         except StorageUnavailable as exc:
             # Whether a worker beats cannot be read then: the store is the problem to fix.
-            return Health((Problem("store", f"the store cannot be read or written: {exc}"),))
+            return Health(
+                (Problem("store", "the store cannot be read or written (details in the log)", str(exc)),)
+            )
         up = self._clock() - self._started
         silence = self._worker_silence
         if up < silence or (age is not None and age <= silence):
@@ -135,4 +139,10 @@ class HealthMonitor:
         if health.ok:
             log.info("healthy again")
         else:
-            log.warning("unhealthy: %s", "; ".join(f"{p.check}: {p.message}" for p in health.problems))
+            log.warning(
+                "unhealthy: %s",
+                "; ".join(
+                    f"{p.check}: {p.message}" + (f" ({p.detail})" if p.detail else "")
+                    for p in health.problems
+                ),
+            )

@@ -65,12 +65,14 @@ def test_a_stale_heartbeat_is_reported_and_a_fresh_one_clears_it() -> None:
     assert health.check().ok
 
 
-def test_a_store_that_fails_the_probe_is_reported_at_once_with_its_reason() -> None:
+def test_a_store_that_fails_the_probe_is_reported_at_once_with_its_reason_kept_for_the_log() -> None:
     probe, clock = Probe(), Clock()
     health = monitor(probe, clock)
-    probe.failure = "database is gone"
+    probe.failure = "database is gone at db.internal:5432"
     found = health.check()
-    assert [(p.check, "database is gone" in p.message) for p in found.problems] == [("store", True)]
+    assert [(p.check, "database is gone" in p.detail) for p in found.problems] == [("store", True)]
+    # The public answer names the problem, not the store's own words (hosts, paths).
+    assert "db.internal" not in str(found.to_dict())
     clock.now += 2
     probe.failure = None
     assert health.check().ok
@@ -100,4 +102,4 @@ def test_a_probe_that_hangs_counts_as_an_unavailable_store_and_is_shared() -> No
     gevent.joinall(checks, timeout=3, raise_error=True)
     assert all(c.ready() for c in checks) and len(calls) == 1
     found = checks[0].value
-    assert [p.check for p in found.problems] == ["store"] and "no answer" in found.problems[0].message
+    assert [p.check for p in found.problems] == ["store"] and "no answer" in found.problems[0].detail
