@@ -5,10 +5,15 @@ own files under ``DATA_DIR/metrics`` and the web process sums them when scraped.
 by an environment variable read when prometheus_client is imported, so ``enable_multiprocess`` runs
 in the entry points before anything imports this module's metrics. Queue depth and in-flight calls
 are read from the queue at scrape time: exact whichever process changed them.
+
+A metrics file that cannot be read (junk written over it) is moved aside with a warning and left out,
+instead of failing every scrape until someone deletes it.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,6 +24,10 @@ from llm_proxy.domain.status import Status
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DAMAGED_SUFFIX = ".damaged"
+"""Appended to a metrics file moved aside: prometheus_client reads only ``*.db``."""
+
+log = logging.getLogger("llm_proxy.metrics")
 
 
 def enable_multiprocess(data_dir: Path, *, fresh: bool) -> None:
@@ -71,6 +80,55 @@ class Metrics:
         self.webhook_deliveries.labels(state=state).inc()
 
 
+class TolerantMultiProcessCollector:
+    """prometheus_client's multiprocess collector, less one failure: a single unreadable file
+    failed every scrape for good."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = glob.glob(os.path.join(self._directory, "*.db"))
+        try:
+            metrics = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        except Exception:
+            # Only when a read fails is each file read on its own, to find which one.
+            readable = [path for path in files if self._readable(path)]
+            metrics = MultiProcessCollector.merge(readable, accumulate=True)  # type: ignore[no-untyped-call]
+        yield from metrics
+
+    @staticmethod
+    def _readable(path: str) -> bool:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        error: Exception | None = None
+        # Twice: a process may be adding a series to the file at that very moment.
+        for _ in range(2):
+            try:
+                MultiProcessCollector.merge([path], accumulate=True)  # type: ignore[no-untyped-call]
+                return True
+            except FileNotFoundError:
+                return False  # its process's files were just removed: nothing to report
+            except Exception as exc:
+                error = exc
+        aside = path + DAMAGED_SUFFIX
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = "(could not be moved aside)"
+        log.warning(
+            "metrics file %s cannot be read (%s: %s): moved aside to %s; the counts it held are left"
+            " out of /metrics, and the process that wrote it counts again from its next start",
+            path,
+            type(error).__name__,
+            error,
+            aside,
+        )
+        return False
+
+
 def exposition(counts: Callable[[], tuple[int, int]]) -> Callable[[], bytes]:
     """A function rendering every process's counters plus live queue gauges."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -89,10 +147,9 @@ def exposition(counts: Callable[[], tuple[int, int]]) -> Callable[[], bytes]:
             )
 
     registry = CollectorRegistry()
-    if os.environ.get(ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    directory = os.environ.get(ENV)
+    if directory:
+        registry.register(TolerantMultiProcessCollector(directory))
     registry.register(QueueCollector())
 
     def render() -> bytes:

@@ -93,6 +93,7 @@ INSERT OR IGNORE INTO {TABLE}_counts VALUES ('lease_token', 0);
 CREATE TABLE IF NOT EXISTS {TABLE}_leases (
     ticket INTEGER PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS {TABLE}_leases_holder ON {TABLE}_leases (holder);
+INSERT OR IGNORE INTO {TABLE}_counts VALUES ('identity', random());
 """
 _FIND_KEY = (
     f"SELECT request_id, body_hash FROM {TABLE}_idempotency WHERE owner = ? AND key = ? AND created_at > ?"
@@ -425,6 +426,11 @@ class PersistJobQueue(JobQueue):
             "cannot read the job queue", lambda: self._reader.execute(sql, args).fetchone(), self._patience
         )
         return row[0] if row else None
+
+    def identity(self) -> int:
+        """A random number drawn when this database was created: it tells the database from a new
+        one made in its place (``selfcheck.queue_problem``)."""
+        return int(self._scalar(f"SELECT n FROM {TABLE}_counts WHERE name = 'identity'", ()))
 
     def counts(self) -> QueueCounts:
         rows = retrying(

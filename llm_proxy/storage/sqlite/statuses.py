@@ -83,6 +83,24 @@ class DiskcacheStatusStore(StatusStore):
 
         return retrying("cannot update status", read_change_write, self._patience)
 
+    def unfinished(self) -> list[str]:
+        """The request ids whose entry is pending or processing.
+
+        Only final entries are stored with an expiry, so these are the entries without one, found
+        through diskcache's index on ``expire_time`` (its table layout is pinned with its version
+        by ``selfcheck``) instead of decoding every stored result."""
+
+        def read() -> list[Any]:
+            return list(self._cache._sql("SELECT key FROM Cache WHERE expire_time IS NULL").fetchall())
+
+        rows = retrying("cannot read statuses", read, self._patience)
+        found = []
+        for (key,) in rows:
+            entry = self.get(key) if isinstance(key, str) else None
+            if entry is not None and not entry.status.final:
+                found.append(key)
+        return found
+
     def purge_expired(self) -> int:
         return int(retrying("cannot purge statuses", self._cache.expire, self._patience))
 
