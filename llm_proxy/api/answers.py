@@ -36,6 +36,25 @@ def final_answer(entry: StatusEntry, headers: dict[str, str]) -> HTTPResponse:
     return json_response(status, {"error": error_object(entry)}, headers={**kept, "x-should-retry": "false"})
 
 
+def still_running(request_id: str, waited: float, headers: dict[str, str]) -> HTTPResponse:
+    """A wait that ran out, for a client that cannot read a 202 (the OpenAI SDKs would make an
+    empty completion of it): an error it raises. 504, as a gateway that got no answer in time;
+    with ``x-should-retry: false``, since a retry would queue (and pay for) the request again."""
+    message = (
+        f"Request {request_id} did not finish within the {waited:g} s wait and goes on running; "
+        f"collect its result with GET /v1/chat/completions/{request_id} (add ?wait=N to long-poll)."
+    )
+    return error_response(
+        504,
+        message,
+        "wait_timeout",
+        headers={**headers, "x-should-retry": "false"},
+        param=None,
+        code="wait_timeout",
+        request_id=request_id,
+    )
+
+
 def error_object(entry: StatusEntry | None) -> dict[str, Any]:
     """The OpenAI-shaped error of a failed request: the upstream's own when it sent one."""
     error = (entry.error if entry else None) or {}

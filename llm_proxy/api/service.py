@@ -7,6 +7,7 @@ in ``app`` turn them into HTTP answers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_proxy.api.waiters import Waiters
@@ -21,12 +22,6 @@ from llm_proxy.storage.base import (
     StorageUnavailable,
     WebSignals,
 )
-
-
-class QueueFull(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"{limit} requests waiting")
-        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -65,6 +60,7 @@ def pending_entry(queued: Queued) -> StatusEntry:
         owner=queued.owner,
         timestamp=queued.submitted_at,
         attempts=0,
+        throttled_until=queued.throttled_until,
     )
 
 
@@ -91,22 +87,23 @@ class RequestService:
     def submit(self, job: Job, key: str | None) -> Accepted:
         """Queue the job (or find the request an Idempotency-Key already stands for). Raises
         QueueFull, IdempotencyConflict and StorageUnavailable."""
-        if self._queue.counts().waiting >= self._max_queue:
-            raise QueueFull(self._max_queue)
+        # The queue counts its waiting jobs in the transaction that stores this one: exact under
+        # any number of concurrent submits.
         if key:
-            submitted = self._queue.put_once(job, key)
+            submitted = self._queue.put_once(job, key, max_waiting=self._max_queue)
             accepted = Accepted(submitted.request_id, submitted.replayed)
         else:
-            self._queue.put(job)
+            self._queue.put(job, max_waiting=self._max_queue)
             accepted = Accepted(job.request_id, replayed=False)
         if not accepted.replayed and self._signals is not None:
             self._signals.work_queued()
         return accepted
 
     def place(self, accepted: Accepted, found: Found | None = None) -> Place:
-        """Where a request just accepted stands. Never raises: a store that cannot be read now
+        """Where a request just accepted stands: as ``found`` says when given (read after a wait,
+        by which time a worker may have taken it). Never raises: a store that cannot be read now
         shows as place 0."""
-        if not accepted.replayed:
+        if found is None and not accepted.replayed:
             try:
                 # Ours is the newest waiting job (puts here do not interleave unless a locked
                 # database made one wait), so its place is the waiting count; 0 once taken.
@@ -130,6 +127,9 @@ class RequestService:
         queued = self._queue.find(request_id) if entry is None or entry.status is Status.PENDING else None
         if entry is None and queued is not None:
             entry = pending_entry(queued)
+        elif entry is not None and queued is not None and queued.throttled_until:
+            # A rate limit found holding its model back since the worker wrote the entry.
+            entry = entry.replace(throttled_until=max(entry.throttled_until or 0, queued.throttled_until))
         if entry is None:
             return None
         position = None
@@ -153,6 +153,11 @@ class RequestService:
                 became_final.wait(wait)
                 found = self.lookup(request_id) or found
         return found
+
+    def on_final(self, request_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (it must not block) when the request becomes final; returns the
+        function that stops watching. Start before reading the status, so no final is missed."""
+        return self._waiters.on_final(request_id, callback)
 
     def await_final(self, request_id: str, seconds: float) -> Found | None:
         """The request's status once final, or as it stands after ``seconds``."""

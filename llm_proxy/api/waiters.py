@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 import gevent.event
@@ -26,15 +26,43 @@ class Waiters:
     def watch(self, request_id: str) -> Iterator[gevent.event.Event]:
         """An event set when the request becomes final. Watch before reading its status, so a
         notification arriving in between is not missed."""
-        event = self._events.setdefault(request_id, gevent.event.Event())
-        self._watchers[request_id] += 1
+        event = self._watch(request_id)
         try:
             yield event
         finally:
-            self._watchers[request_id] -= 1
-            if self._watchers[request_id] <= 0:
-                del self._watchers[request_id]
-                self._events.pop(request_id, None)
+            self._unwatch(request_id)
+
+    def on_final(self, request_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (in the hub: it must not block) when the request becomes final, for
+        a client that waits on something else as well (an event stream also waits on its relay).
+        Returns the function that stops watching; as with ``watch``, start before reading."""
+        event = self._watch(request_id)
+
+        def fire(_: gevent.event.Event) -> None:
+            callback()
+
+        event.rawlink(fire)
+        watching = True
+
+        def stop() -> None:
+            nonlocal watching
+            if watching:
+                watching = False
+                event.unlink(fire)
+                self._unwatch(request_id)
+
+        return stop
+
+    def _watch(self, request_id: str) -> gevent.event.Event:
+        event = self._events.setdefault(request_id, gevent.event.Event())
+        self._watchers[request_id] += 1
+        return event
+
+    def _unwatch(self, request_id: str) -> None:
+        self._watchers[request_id] -= 1
+        if self._watchers[request_id] <= 0:
+            del self._watchers[request_id]
+            self._events.pop(request_id, None)
 
     def wake(self, request_id: str) -> None:
         event = self._events.get(request_id)

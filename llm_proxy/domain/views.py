@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from llm_proxy.domain.job import now_ms
 from llm_proxy.domain.status import Status, StatusEntry
 
 
@@ -14,8 +15,10 @@ def status_json(request_id: str, entry: StatusEntry, queue_position: int | None 
         f'"request": {entry.request_json}',
         f'"timestamp": {int(entry.timestamp)}',
     ]
-    if entry.attempts is not None:
-        parts.append(f'"attempts": {int(entry.attempts)}')
+    # A failed request's count was stored in its error only (entries stored so far still are).
+    attempts = entry.attempts_made if entry.status.final else entry.attempts
+    if attempts is not None:
+        parts.append(f'"attempts": {int(attempts)}')
     if entry.response_json is not None:
         parts.append(f'"response": {entry.response_json}')
     if entry.error is not None:
@@ -24,6 +27,8 @@ def status_json(request_id: str, entry: StatusEntry, queue_position: int | None 
         parts.append(f'"webhook": {json.dumps(entry.webhook.to_dict())}')
     if queue_position is not None:
         parts.append(f'"queue_position": {int(queue_position)}')
+    if entry.status is Status.PENDING and entry.throttled_until and entry.throttled_until > now_ms():
+        parts.append(f'"throttled_until": {int(entry.throttled_until)}')
     return "{" + ", ".join(parts) + "}"
 
 

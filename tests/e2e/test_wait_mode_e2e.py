@@ -1,14 +1,17 @@
-"""Wait mode (Prefer: wait) against the real service, with the official OpenAI SDK unchanged but for
-base_url, api_key and one default header."""
+"""Wait mode against the real service, with the official OpenAI SDK unchanged but for base_url,
+api_key and (in some tests) a Prefer header: without one, the SDK's requests wait too."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from typing import Any
 
 import openai
 import pytest
 import requests
+from openai.types.chat import ChatCompletion
 
 from conftest import API_KEY, FakeUpstream, Service, body
 from llm_proxy.api.app import preferred_wait
@@ -81,12 +84,13 @@ def test_not_finished_within_the_wait_is_a_202_to_poll(make_service: MakeService
     reply = requests.post(
         f"{service.url}/v1/chat/completions",
         json=body(x_fake={"key": "slow-wait", "delay": 3}),
-        headers={**service.headers(), "Prefer": "wait=0.3"},
+        headers={**service.headers(), "Prefer": "wait=1"},
         timeout=10,
     )
     assert reply.status_code == 202
     assert reply.headers["Location"] == f"/v1/chat/completions/{reply.json()['request_id']}"
-    assert reply.json()["status"] == "pending"
+    # Its real status: a worker took it at once (not "pending" at place 0).
+    assert reply.json()["status"] == "processing" and reply.json()["queue_position"] == 0
     assert service.wait_final(reply.json()["request_id"])["status"] == "completed"
 
 
@@ -199,3 +203,101 @@ def test_a_queued_stream_is_kept_alive_with_comments(
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "echo: hi"
     assert service.status(busy).json()["status"] == "completed"
+
+
+def plain_sdk(service: Service, **options: Any) -> openai.OpenAI:
+    """The SDK as most code (and LiteLLM, LangChain) uses it: no Prefer header. Used in a ``with``,
+    so its connections are closed when the test ends, not whenever it is collected."""
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key=API_KEY, **options)
+
+
+def test_sdk_without_prefer_waits_and_other_clients_keep_the_202(
+    make_service: MakeService, fake_upstream: FakeUpstream
+) -> None:
+    service = make_service()
+    fake_upstream.reset()
+    with plain_sdk(service) as client:
+        completion = client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "no prefer"}],
+            extra_body={"x_fake": {"key": "no-prefer", "delay": 0.3}},
+        )
+        assert isinstance(completion, ChatCompletion)
+        assert completion.choices[0].message.content == "echo: no prefer"
+        with client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "a b"}], stream=True
+        ) as stream:
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: a b"
+
+    # RFC 7240's respond-async asks for the 202 explicitly.
+    with plain_sdk(service, default_headers={"Prefer": "respond-async"}) as client:
+        accepted = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "x"}]
+        )
+        assert accepted.http_response.status_code == 202
+        assert accepted.http_response.json()["status"] in ("pending", "processing")
+    # A plain HTTP client without Prefer gets the 202 as before.
+    plain = requests.post(
+        f"{service.url}/v1/chat/completions", json=body("x"), headers=service.headers(), timeout=10
+    )
+    assert plain.status_code == 202 and plain.json()["request_id"]
+
+
+def test_sdk_wait_that_runs_out_raises_naming_the_request_and_is_not_retried(
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
+) -> None:
+    service = make_service(SYNC_WAIT_MAX="1", **backend_env)
+    fake_upstream.reset()
+    # max_retries=2: the SDK would retry a 504, and queue the request again each time.
+    with plain_sdk(service, max_retries=2) as client, pytest.raises(openai.APIStatusError) as ran_out:
+        client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "slow"}],
+            extra_body={"x_fake": {"key": "sdk-ran-out", "delay": 3}},
+        )
+    error = ran_out.value
+    request_id = error.response.headers["x-request-id"]
+    assert error.status_code == 504 and error.response.headers["x-should-retry"] == "false"
+    assert request_id in error.message and f"GET /v1/chat/completions/{request_id}" in error.message
+    # The request went on and can be collected; the SDK sent it once only.
+    assert service.wait_final(request_id)["response"]["choices"][0]["message"]["content"] == "echo: slow"
+    assert fake_upstream.stats()["by_key"] == {"sdk-ran-out": 1}
+
+
+def test_stream_failing_at_once_is_an_http_error_at_once(
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
+) -> None:
+    # The 200 may now be held up to the whole wait (20 s here); the failure must not wait for it.
+    service = make_service(SYNC_WAIT_MAX="20", **backend_env)
+    with plain_sdk(service) as client:
+        started = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="gpt-test",
+                messages=[{"role": "user", "content": "x"}],
+                stream=True,
+                extra_body={"x_fake": {"key": "stream-400-at-once", "status": 400}},
+            )
+        # The old fixed hold was 3 s: well under it.
+        assert time.monotonic() - started < 2.5
+    assert "induced status 400" in str(refused.value)
+
+
+def test_stream_failing_after_its_retries_is_an_http_error_not_a_late_event(
+    make_service: MakeService, fake_upstream: FakeUpstream, backend_env: dict[str, str]
+) -> None:
+    service = make_service(SYNC_WAIT_MAX="8", MAX_RETRIES="2", RETRY_BASE_DELAY="0.05", **backend_env)
+    fake_upstream.reset()
+    # Three attempts of 1.3 s: the request ends after the old 3 s hold, within the wait.
+    with plain_sdk(service) as client, pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            extra_body={
+                "x_fake": {"key": "stream-retried", "fail_times": 99, "fail_status": 500, "delay": 1.3}
+            },
+        )
+    assert failed.value.status_code == 500
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert fake_upstream.stats()["by_key"] == {"stream-retried": 3}
