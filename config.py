@@ -62,6 +62,14 @@ class Config:
     """Seconds a claimed request may go without its worker's renewal before another takes it."""
     database_pool_size: int = 2
     """Connections per process (plus one for LISTEN)."""
+    rate_limit_adaptive: bool = True
+    """Pace calls by the upstream's x-ratelimit-* headers; a 429 pauses its model for everybody."""
+    max_rpm: int | None = None
+    """Upstream calls in any 60 s window at most, over every model."""
+    max_tpm: int | None = None
+    """Tokens (estimated before the call, corrected from usage) in any 60 s window at most."""
+    rate_limits: tuple[tuple[str, int | None, int | None], ...] = ()
+    """Per-model ceilings (model, rpm, tpm), from ``RATE_LIMITS``."""
 
     def __repr__(self) -> str:
         # Secrets never reach a log, even through an accidental repr.
@@ -174,6 +182,27 @@ def _database_url(name: str, raw: str) -> str:
     return url
 
 
+def _rate_limits(name: str, raw: str) -> tuple[tuple[str, int | None, int | None], ...]:
+    """``model=rpm:tpm`` pairs, comma-separated; either number may be left out (``gpt-4o=500``,
+    ``gpt-4o=:30000``). The model is split off at the last ``=``: names may hold colons."""
+    found: dict[str, tuple[int | None, int | None]] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        model, equals, limits = item.rpartition("=")
+        rpm_raw, _, tpm_raw = limits.partition(":")
+        if not equals or not model.strip() or ":" in tpm_raw or not (rpm_raw.strip() or tpm_raw.strip()):
+            raise ConfigError(
+                f"{name}: {item!r} is not model=rpm:tpm (e.g. gpt-4o=500:30000, gpt-4o=500, gpt-4o=:30000)"
+            )
+        rpm = _int(name, rpm_raw, 1) if rpm_raw.strip() else None
+        tpm = _int(name, tpm_raw, 1) if tpm_raw.strip() else None
+        if model.strip() in found:
+            raise ConfigError(f"{name}: model {model.strip()!r} is listed twice")
+        found[model.strip()] = (rpm, tpm)
+    return tuple((model, rpm, tpm) for model, (rpm, tpm) in found.items())
+
+
 def _level(name: str, raw: str) -> str:
     level = raw.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -217,6 +246,10 @@ def load_config(env: Mapping[str, str]) -> Config:
     take("DATABASE_URL", "database_url", _database_url)
     take("LEASE_TIMEOUT", "lease_timeout", lambda n, r: _float(n, r, 1))
     take("DATABASE_POOL_SIZE", "database_pool_size", lambda n, r: _int(n, r, 1))
+    take("RATE_LIMIT_ADAPTIVE", "rate_limit_adaptive", _bool)
+    take("MAX_RPM", "max_rpm", lambda n, r: _int(n, r, 1))
+    take("MAX_TPM", "max_tpm", lambda n, r: _int(n, r, 1))
+    take("RATE_LIMITS", "rate_limits", _rate_limits)
     port = values.get("port", 3000)
     if isinstance(port, int) and port > 65535:
         raise ConfigError(f"PORT must be <= 65535, got {port}")

@@ -75,6 +75,8 @@ class StatusEntry:
     webhook: WebhookProgress | None = None
     expires_at: float | None = None
     """Seconds since the epoch when a final entry disappears."""
+    throttled_until: int | None = None
+    """Milliseconds since the epoch until which a rate limit holds a pending request back."""
 
     def replace(self, **changes: Any) -> StatusEntry:
         return dataclasses.replace(self, **changes)
@@ -104,6 +106,8 @@ class StatusEntry:
             stored["webhook"] = self.webhook.to_dict()
         if self.expires_at is not None:
             stored["expires_at"] = self.expires_at
+        if self.throttled_until is not None:
+            stored["throttled_until"] = self.throttled_until
         return stored
 
     @classmethod
@@ -111,6 +115,7 @@ class StatusEntry:
         webhook = data.get("webhook")
         attempts = data.get("attempts")
         expires_at = data.get("expires_at")
+        throttled_until = data.get("throttled_until")
         return cls(
             status=Status(data["status"]),
             request_json=data["request_json"],
@@ -121,4 +126,5 @@ class StatusEntry:
             error=data.get("error"),
             webhook=WebhookProgress.from_dict(webhook) if isinstance(webhook, dict) else None,
             expires_at=None if expires_at is None else float(expires_at),
+            throttled_until=None if throttled_until is None else int(throttled_until),
         )

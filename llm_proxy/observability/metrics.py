@@ -44,7 +44,7 @@ class Metrics:
     """The counters the worker and the web process record into."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.requests = Counter(
             "llm_proxy_requests_total", "Requests that reached a final state.", ["status"]
@@ -59,6 +59,24 @@ class Metrics:
         )
         self.webhook_deliveries = Counter(
             "llm_proxy_webhook_deliveries_total", "Webhook deliveries that ended, by state.", ["state"]
+        )
+        self.throttled_seconds = Counter(
+            "llm_proxy_throttled_seconds_total",
+            "Seconds during which a rate limit held a model's calls back ('*': every model).",
+            ["model"],
+        )
+        # The worker that heard last is right: the upstream's figures are for the key, not per worker.
+        self.remaining_requests = Gauge(
+            "llm_proxy_ratelimit_remaining_requests",
+            "Requests the upstream last reported left in its budget (x-ratelimit-remaining-requests).",
+            ["model"],
+            multiprocess_mode="mostrecent",
+        )
+        self.remaining_tokens = Gauge(
+            "llm_proxy_ratelimit_remaining_tokens",
+            "Tokens the upstream last reported left in its budget (x-ratelimit-remaining-tokens).",
+            ["model"],
+            multiprocess_mode="mostrecent",
         )
         # Known label values start at 0, so a scraper sees every series before its first event.
         for status in Status:
@@ -75,6 +93,15 @@ class Metrics:
     def attempted(self, outcome: str, seconds: float) -> None:
         self.upstream_attempts.labels(outcome=outcome).inc()
         self.upstream_seconds.observe(seconds)
+
+    def throttled(self, model: str, seconds: float) -> None:
+        self.throttled_seconds.labels(model=model).inc(seconds)
+
+    def rate_remaining(self, model: str, requests: int | None, tokens: int | None) -> None:
+        if requests is not None:
+            self.remaining_requests.labels(model=model).set(requests)
+        if tokens is not None:
+            self.remaining_tokens.labels(model=model).set(tokens)
 
     def delivered(self, state: str) -> None:
         self.webhook_deliveries.labels(state=state).inc()

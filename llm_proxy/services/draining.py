@@ -22,11 +22,12 @@ def next_batch(
     *,
     nudged: gevent.event.Event,
     stopping: gevent.event.Event,
-    poll_interval: float,
+    poll_interval: float | Callable[[], float],
     what: str,
 ) -> list[T]:
     """What ``take`` returns; when that is nothing, return [] after a nudge or ``poll_interval``
-    (the nudge is only a hint), and after ``STORAGE_RETRY`` when the store cannot be read."""
+    (the nudge is only a hint), and after ``STORAGE_RETRY`` when the store cannot be read. A
+    callable ``poll_interval`` is asked after ``take`` (a rate limit may say when work can go)."""
     nudged.clear()
     try:
         batch = take()
@@ -35,5 +36,5 @@ def next_batch(
         stopping.wait(STORAGE_RETRY)
         return []
     if not batch:
-        nudged.wait(poll_interval)
+        nudged.wait(poll_interval() if callable(poll_interval) else poll_interval)
     return batch

@@ -16,10 +16,10 @@ Exceptions::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.listing import Listed, Summary
@@ -102,6 +102,9 @@ class Queued:
     """Never handed out: no status can exist for it yet."""
     position: int | None
     """1-based place among the waiting jobs; None when in flight."""
+    throttled_until: int | None = None
+    """Milliseconds since the epoch until which a rate limit holds its model back, when one was
+    recorded (``RateGate.end``) and has not passed."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,33 @@ class QueueCounts(NamedTuple):
     in_flight: int
 
 
+ALL_MODELS = "*"
+"""In ``RateGate.begin``'s answer: no job at all may be claimed now."""
+
+
+class RateGate(ABC):
+    """Decides, inside a claim, which waiting jobs may be called upstream now (the rate limits,
+    ``llm_proxy.worker.pacing``). A back end shared by several workers keeps the limits' state
+    (one text per model) in its store: it reads it in the claiming transaction, hands it to
+    ``begin`` and stores what ``end`` returns before committing, so that every worker's claims
+    count against one state. A back end with a single worker keeps none: ``begin(None)``."""
+
+    @abstractmethod
+    def begin(self, shared: Mapping[str, str] | None) -> Collection[str]:
+        """Start judging one claim; returns the models whose waiting jobs are left waiting
+        (``ALL_MODELS``: every job)."""
+
+    @abstractmethod
+    def admit(self, request_id: str, model: str, body: dict[str, Any]) -> bool:
+        """Whether this job may be called now (offered oldest first). Once a job is refused,
+        later jobs of its model are not offered in this claim: order is kept within a model."""
+
+    @abstractmethod
+    def end(self) -> tuple[dict[str, str], dict[str, float]]:
+        """(state to store by model, seconds since the epoch until which each refused model is
+        held back) once the claim is decided; the back end records the latter for ``find``."""
+
+
 class JobQueue(ABC):
     """A durable FIFO of jobs, claimed under leases."""
 
@@ -165,9 +195,20 @@ class JobQueue(ABC):
         """Whether a cancellation was recorded for this in-flight job."""
 
     @abstractmethod
-    def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
+    def claim_many(
+        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+    ) -> list[Claim]:
         """Take up to ``limit`` of the oldest waiting jobs without blocking, each under a new lease
-        of ``holder`` (in one step: one commit for all)."""
+        of ``holder`` (in one step: one commit for all). With a ``gate``, only jobs it admits are
+        taken: the jobs of models it holds back are passed over, so they block no other model."""
+
+    @abstractmethod
+    def share_rates(
+        self, models: Collection[str], change: Callable[[Mapping[str, str] | None], dict[str, str]]
+    ) -> None:
+        """Run ``change`` on the stored rate-limit state of ``models`` and store what it returns,
+        atomically with respect to claims and to other changes (see ``RateGate``). A back end with
+        a single worker keeps no such state: it runs ``change(None)`` and stores nothing."""
 
     @abstractmethod
     def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:

@@ -19,6 +19,7 @@ from llm_proxy.upstream.outcome import (
     forwarded_body,
     network_outcome,
     parse_json,
+    rate_headers,
     timeout_outcome,
     too_large_outcome,
 )
@@ -101,15 +102,20 @@ class UpstreamClient:
                     return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
                 assembler = CompletionAssembler()
                 sent = 0
+                answered = {"status": reply.status, "rate_headers": rate_headers(reply.headers)}
                 for payload in data_payloads(self._body(reply, ends)):
                     if payload == b"[DONE]":
-                        return Outcome(response_json=json.dumps(assembler.completion()), relayed=relayed)
+                        return Outcome(
+                            response_json=json.dumps(assembler.completion()), relayed=relayed, **answered
+                        )
                     _, chunk = parse_json(payload)
                     if not isinstance(chunk, dict):
                         continue
                     if isinstance(chunk.get("error"), dict):
                         outcome = classify_response(500, payload, {})
-                        return Outcome(error=outcome.error, retryable=not relayed, relayed=relayed)
+                        return Outcome(
+                            error=outcome.error, retryable=not relayed, relayed=relayed, **answered
+                        )
                     event = b"data: " + payload + b"\n\n"
                     sent += len(event)
                     if sent > self._max_bytes:
@@ -118,7 +124,7 @@ class UpstreamClient:
                     on_event(event)
                     relayed = True
                 error = {"message": "the upstream's stream ended before [DONE]", "type": "upstream_error"}
-                return Outcome(error=error, retryable=not relayed, relayed=relayed)
+                return Outcome(error=error, retryable=not relayed, relayed=relayed, **answered)
             finally:
                 _discard(reply)
 

@@ -6,6 +6,7 @@ Which failures are retried follows the official OpenAI SDK: connection errors, t
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import random
@@ -28,6 +29,10 @@ class Outcome:
     retry_after: float | None = None
     relayed: bool = False
     """Part of a streamed answer already reached the client: it cannot be retried."""
+    status: int | None = None
+    """The upstream's HTTP status; None when no answer came."""
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    """The answer's x-ratelimit-* and retry-after headers, for the rate limiter."""
 
     @property
     def ok(self) -> bool:
@@ -109,7 +114,23 @@ def parse_json(raw: bytes) -> tuple[str | None, Any]:
         return None, None
 
 
+def rate_headers(headers: Any) -> dict[str, str]:
+    """The headers the rate limiter reads, lower-cased (few: cheap to keep on every outcome)."""
+    if not headers:
+        return {}
+    return {
+        name.lower(): str(value)
+        for name, value in headers.items()
+        if name.lower().startswith("x-ratelimit-") or name.lower() in ("retry-after", "retry-after-ms")
+    }
+
+
 def classify_response(status: int, raw: bytes, headers: Any) -> Outcome:
+    outcome = _classify(status, raw, headers)
+    return dataclasses.replace(outcome, status=status, rate_headers=rate_headers(headers))
+
+
+def _classify(status: int, raw: bytes, headers: Any) -> Outcome:
     text, payload = parse_json(raw)
     if 200 <= status < 300:
         if isinstance(payload, dict):
@@ -140,7 +161,13 @@ def classify_response(status: int, raw: bytes, headers: Any) -> Outcome:
 
 
 def cut_short(outcome: Outcome, relayed: bool) -> Outcome:
-    return Outcome(error=outcome.error, retryable=outcome.retryable and not relayed, relayed=relayed)
+    return Outcome(
+        error=outcome.error,
+        retryable=outcome.retryable and not relayed,
+        relayed=relayed,
+        status=outcome.status,
+        rate_headers=outcome.rate_headers,
+    )
 
 
 def network_outcome(exc: Exception) -> Outcome:

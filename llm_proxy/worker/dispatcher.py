@@ -26,6 +26,7 @@ from llm_proxy.storage.base import (
     StorageUnavailable,
     WorkerSignals,
 )
+from llm_proxy.worker.pacing import Limiter
 from llm_proxy.worker.runner import Cancelled, GracefulStop, JobRunner, LeaseLost
 
 log = logging.getLogger("llm_proxy.worker")
@@ -65,6 +66,7 @@ class Dispatcher:
         previous_holders_gone: bool = False,
         maintenance: tuple[Callable[[], int], ...] = (),
         heartbeat: Callable[[str], None] | None = None,
+        gate: Limiter | None = None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -76,6 +78,7 @@ class Dispatcher:
         self._previous_holders_gone = previous_holders_gone
         self._maintenance = maintenance
         self._heartbeat = heartbeat
+        self._gate = gate
         self._beating: gevent.Greenlet[..., None] | None = None
         self._jobs = gevent.pool.Group()
         self._running: dict[str, tuple[gevent.Greenlet[..., None], Claim]] = {}
@@ -173,10 +176,11 @@ class Dispatcher:
                     free,
                     holder=self._holder,
                     lease_seconds=self._settings.lease_seconds,
+                    gate=self._gate,
                 ),
                 nudged=self._nudged,
                 stopping=self._stopping,
-                poll_interval=self._settings.poll_interval,
+                poll_interval=self._poll_wait,
                 what="requests",
             )
             for claim in claims:
@@ -184,6 +188,14 @@ class Dispatcher:
                 running = self._jobs.spawn(self._runner.run, claim, self._limit.hold(claim))
                 self._running[request_id] = (running, claim)
                 running.link(lambda _, rid=request_id: self._running.pop(rid, None))
+
+    def _poll_wait(self) -> float:
+        """How long to wait for work after a claim that took none: until a model a rate limit
+        held back may go again, when that is sooner than the next poll."""
+        wake_at = self._gate.wake_at if self._gate is not None else None
+        if wake_at is None:
+            return self._settings.poll_interval
+        return max(0.0, min(self._settings.poll_interval, wake_at - time.time()))
 
     def _beat(self, beat: Callable[[str], None]) -> None:
         period = self._settings.lease_seconds / 3

@@ -31,6 +31,7 @@ from llm_proxy.upstream.client import UpstreamClient
 from llm_proxy.webhooks.delivery import WebhookDeliverer
 from llm_proxy.webhooks.sender import WebhookSender
 from llm_proxy.worker.dispatcher import Dispatcher, DispatchSettings
+from llm_proxy.worker.pacing import Limiter, policy_of
 from llm_proxy.worker.retry import RetryPolicy
 from llm_proxy.worker.runner import JobRunner
 
@@ -139,6 +140,13 @@ def _serve(config: Config, backend: Backend) -> int:
         metrics=metrics,
     )
     _end_lost(backend, finalizer)
+    policy = policy_of(
+        adaptive=config.rate_limit_adaptive,
+        max_rpm=config.max_rpm,
+        max_tpm=config.max_tpm,
+        rate_limits=config.rate_limits,
+    )
+    limiter = Limiter(policy, backend.queue, metrics=metrics) if policy.active else None
     runner = JobRunner(
         queue=backend.queue,
         statuses=backend.statuses,
@@ -152,6 +160,7 @@ def _serve(config: Config, backend: Backend) -> int:
         stopping=stopping,
         relay=signals.relay,
         metrics=metrics,
+        limiter=limiter,
     )
     dispatcher = Dispatcher(
         queue=backend.queue,
@@ -166,6 +175,7 @@ def _serve(config: Config, backend: Backend) -> int:
         previous_holders_gone=backend.previous_holders_gone,
         maintenance=(backend.outbox.compact,),
         heartbeat=backend.beat,
+        gate=limiter,
     )
     gevent.signal_handler(signal.SIGTERM, dispatcher.stop)
     parent = os.environ.get(processes.SUPERVISOR_PID_ENV)

@@ -21,6 +21,7 @@ from llm_proxy.observability.metrics import Metrics
 from llm_proxy.services.finalize import Finalizer
 from llm_proxy.storage.base import Claim, JobQueue, RelaySender, Slot, StatusStore, StorageUnavailable
 from llm_proxy.upstream.outcome import Outcome
+from llm_proxy.worker.pacing import Limiter, model_of
 from llm_proxy.worker.retry import Finish, RetryAfter, RetryPolicy, decide, exhausted_by_crashes
 
 log = logging.getLogger("llm_proxy.worker")
@@ -67,6 +68,7 @@ class JobRunner:
         relay: Callable[[str], RelaySender] | None = None,
         metrics: Metrics | None = None,
         sleep: Callable[[float], Any] = gevent.sleep,
+        limiter: Limiter | None = None,
     ) -> None:
         self._queue = queue
         self._statuses = statuses
@@ -77,6 +79,7 @@ class JobRunner:
         self._relay = relay
         self._metrics = metrics
         self._sleep = sleep
+        self._limiter = limiter
         # Requests whose greenlet may be killed by a cancel right now (calling the upstream or
         # waiting to retry), and cancels that arrived when it could not be.
         self._interruptible: set[str] = set()
@@ -123,6 +126,8 @@ class JobRunner:
             )
         finally:
             slot.release()
+            if self._limiter is not None:
+                self._limiter.forget(job.request_id)
             self._cancels.discard(job.request_id)
             self._interruptible.discard(job.request_id)
 
@@ -140,6 +145,14 @@ class JobRunner:
         while ended is None:
             if job.request_id in self._cancels:
                 raise Cancelled
+            permit = None
+            if self._limiter is not None:
+                admitted = self._limiter.before_call(job)
+                if isinstance(admitted, float):
+                    # Held back by a rate limit, maybe someone else's 429: no attempt is spent.
+                    self._hold_back(claim, slot, attempts, admitted)
+                    return
+                permit = admitted
             attempts += 1
             # Stored before the call, so a crash during it counts as an attempt.
             self._statuses.put(
@@ -155,6 +168,8 @@ class JobRunner:
                     job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1), claim=claim
                 )
                 raise
+            if self._limiter is not None and permit is not None:
+                self._limiter.after_call(permit, outcome)
             if self._metrics is not None:
                 kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
                 self._metrics.attempted(kind, time.monotonic() - started)
@@ -169,6 +184,12 @@ class JobRunner:
                 )
                 if self._queue.cancel_requested(job.request_id):
                     raise Cancelled
+                cooling = self._limiter.cooling_until(model_of(job.body)) if self._limiter else None
+                if outcome.status == 429 and cooling is not None:
+                    # The model is paused for everybody: the retry waits in the queue, at its
+                    # place, not in a slot another model could use.
+                    self._hold_back(claim, slot, attempts, cooling)
+                    return
                 with self._cancellable(job.request_id):
                     self._sleep(decision.delay)
                 continue
@@ -176,6 +197,20 @@ class JobRunner:
             self._end(claim, decision, attempts)
             return
         self._end(claim, ended, None)
+
+    def _hold_back(self, claim: Claim, slot: Slot, attempts: int, until: float) -> None:
+        """Back among the waiting jobs, at its place, showing until when a limit holds it."""
+        job = claim.job
+        if self._limiter is not None:
+            self._limiter.held_back(model_of(job.body), until)
+        log.debug("request %s: rate limit, waits until %.3f", job.request_id, until)
+        self._statuses.put(
+            job.request_id,
+            entry_for(job, Status.PENDING, attempts=attempts, throttled_until=int(until * 1000)),
+            claim=claim,
+        )
+        slot.release()
+        self._queue.release(claim)
 
     @contextlib.contextmanager
     def _cancellable(self, request_id: str) -> Iterator[None]:

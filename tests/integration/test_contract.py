@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import gevent
 import gevent.event
@@ -16,6 +17,7 @@ import pytest
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry, WebhookProgress, WebhookState
 from llm_proxy.storage.base import (
+    ALL_MODELS,
     Backend,
     CancelResult,
     Claim,
@@ -23,6 +25,7 @@ from llm_proxy.storage.base import (
     IdempotencyConflict,
     JobQueue,
     QueueFull,
+    RateGate,
     StorageUnavailable,
     Submitted,
 )
@@ -510,3 +513,96 @@ def test_a_store_that_cannot_be_used_fails_the_probe(
     gone.close()
     with pytest.raises(StorageUnavailable):
         gone.probe()
+
+
+# -- rate limits -----------------------------------------------------------------------------------
+
+
+class _Gate(RateGate):
+    """Admits the request ids it is given; records what the back end shows it."""
+
+    def __init__(self, allowed: set[str], held: list[str] | None = None) -> None:
+        self.allowed = allowed
+        self.held = held or []
+        self.offered: list[str] = []
+        self.shared: list[Mapping[str, str] | None] = []
+
+    def begin(self, shared: Mapping[str, str] | None) -> list[str]:
+        self.shared.append(shared)
+        return self.held
+
+    def admit(self, request_id: str, model: str, body: dict[str, Any]) -> bool:
+        self.offered.append(request_id)
+        return request_id in self.allowed
+
+    def end(self) -> tuple[dict[str, str], dict[str, float]]:
+        refused = {str(m) for rid in self.offered if rid not in self.allowed for m in [_model_of(rid)]}
+        until = time.time() + 30
+        return {"m-a": '{"note": 1}'}, {model: until for model in [*refused, *self.held]}
+
+
+_MODELS = {1: "m-a", 2: "m-b", 3: "m-a", 4: "m-b", 5: "m-c", 6: "m-a"}
+
+
+def _model_of(request_id: str) -> str:
+    return _MODELS[int(request_id.removeprefix("chatreq_"))]
+
+
+def model_job(n: int) -> Job:
+    return Job(request_id=f"chatreq_{n:020d}", body={"model": _MODELS[n], "n": n}, owner="o")
+
+
+def test_a_gate_passes_over_held_back_models_keeping_order_within_each(backend: Backend) -> None:
+    for n in _MODELS:
+        backend.queue.put(model_job(n))
+    ids = {n: model_job(n).request_id for n in _MODELS}
+    # m-a's first job is refused: its later ones are not even offered, though the gate would
+    # take them; m-b and m-c go; m-c is held back from the start.
+    gate = _Gate({ids[2], ids[3], ids[4], ids[5], ids[6]}, held=["m-c"])
+    claims = backend.queue.claim_many(10, holder="w1", lease_seconds=60, gate=gate)
+    assert [c.job.request_id for c in claims] == [ids[2], ids[4]]
+    assert gate.offered == [ids[1], ids[2], ids[4]]
+    # Waiting jobs of a held-back model show until when; the others do not.
+    for n in (1, 3, 5):
+        found = backend.queue.find(ids[n])
+        assert found is not None and found.position is not None
+        assert found.throttled_until is not None and found.throttled_until > time.time() * 1000 + 20_000
+    assert backend.queue.counts() == (4, 2)
+    # Without a gate, the oldest waiting jobs, whatever their model.
+    assert [c.job.request_id for c in claim(backend.queue, 2)] == [ids[1], ids[3]]
+
+
+def test_a_gate_that_holds_every_model_claims_nothing(backend: Backend) -> None:
+    backend.queue.put(model_job(1))
+    gate = _Gate({model_job(1).request_id}, held=[ALL_MODELS])
+    assert backend.queue.claim_many(5, holder="w1", lease_seconds=60, gate=gate) == []
+    found = backend.queue.find(model_job(1).request_id)
+    assert found is not None and found.throttled_until is not None
+
+
+def test_rate_state_is_shared_by_every_worker_of_a_shared_back_end(
+    backend: Backend, opener: Callable[[Path], Backend], tmp_path: Path
+) -> None:
+    backend.queue.put(model_job(1))
+    first = _Gate({model_job(1).request_id})
+    backend.queue.claim_many(1, holder="w1", lease_seconds=60, gate=first)
+    seen: list[Mapping[str, str] | None] = []
+
+    def change(shared: Mapping[str, str] | None) -> dict[str, str]:
+        seen.append(shared)
+        return {"m-a": '{"note": 2}'}
+
+    other = opener(tmp_path)  # another worker's process
+    try:
+        other.queue.share_rates(["m-a", "m-b"], change)
+        second = _Gate(set())
+        other.queue.claim_many(1, holder="w2", lease_seconds=60, gate=second)
+    finally:
+        other.close()
+    if first.shared == [None]:
+        # One worker per store: the state lives in its process, nothing is stored.
+        assert seen == [None] and second.shared == [None]
+    else:
+        assert first.shared == [{}]
+        assert seen == [{"m-a": '{"note": 1}'}]
+        assert second.shared == [{"m-a": '{"note": 2}'}]

@@ -16,6 +16,14 @@ of big answers handed to the connection, ``finished``: once one has ended, wheth
 by ``key``;
 ``client_ports``: the connections calls came on);
 ``POST /_reset`` clears it.
+Rate limits like OpenAI's, per model: ``POST /_limits`` with ``{"model": {"rpm": n, "tpm": m}}`` (either
+may be left out) gives that model buckets of ``n`` requests and ``m`` tokens that refill continuously
+(a full bucket per minute). A call costs one request and its tokens counted as OpenAI counts them
+(a quarter of the messages' characters, rounded up, plus 4 per message and 3, plus ``max_tokens``);
+when a bucket cannot pay, the answer is 429 with ``Retry-After`` and ``retry-after-ms``. Every
+answer for such a model carries the ``x-ratelimit-*`` headers and a ``usage`` with those tokens.
+``/_stats`` then reports ``admitted`` (arrival times of the calls let through, by model) and
+``rejected`` (429s, by model); ``/_reset`` removes the limits.
 """
 
 from gevent import monkey
@@ -25,6 +33,7 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +64,44 @@ class FakeHandler(WSGIHandler):  # type: ignore[misc]  # gevent is untyped
             ]
 
 
+def go_duration(seconds: float) -> str:
+    """Seconds as OpenAI writes them: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"
+
+
+def openai_tokens(body: dict[str, Any]) -> int:
+    total = 3
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        total += 4 + math.ceil(len(content if isinstance(content, str) else json.dumps(content)) / 4)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    return total + (int(limit) if isinstance(limit, int) else 0)
+
+
+class Bucket:
+    """A budget of ``capacity`` that refills continuously, a whole one per minute."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.level = float(capacity)
+        self.at = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + self.capacity / 60.0 * (now - self.at))
+        self.at = now
+
+    def wait_for(self, amount: float) -> float:
+        return max(0.0, (min(amount, self.capacity) - self.level) / (self.capacity / 60.0))
+
+    def reset(self) -> float:
+        return (self.capacity - self.level) / (self.capacity / 60.0)
+
+
 class FakeUpstream:
     def __init__(self, default_delay: float) -> None:
         self.default_delay = default_delay
@@ -73,6 +120,9 @@ class FakeUpstream:
         self.sent: Counter[str] = Counter()
         self.finished: dict[str, bool] = {}
         self.client_ports: set[int] = set()
+        self.buckets: dict[str, dict[str, Bucket]] = {}
+        self.admitted: dict[str, list[float]] = {}
+        self.rejected: Counter[str] = Counter()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -88,6 +138,8 @@ class FakeUpstream:
             "sent": dict(self.sent),
             "finished": self.finished,
             "client_ports": sorted(self.client_ports),
+            "admitted": self.admitted,
+            "rejected": dict(self.rejected),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -97,6 +149,13 @@ class FakeUpstream:
             return self._json(start_response, 200, self.stats())
         if path == "/_reset" and method == "POST":
             self.reset()
+            return self._json(start_response, 200, {"ok": True})
+        if path == "/_limits" and method == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            for model, limits in json.loads(environ["wsgi.input"].read(length) or b"{}").items():
+                self.buckets[model] = {
+                    kind: Bucket(int(limits[kind])) for kind in ("rpm", "tpm") if limits.get(kind)
+                }
             return self._json(start_response, 200, {"ok": True})
         if path != "/v1/chat/completions" or method != "POST":
             return self._json(start_response, 404, {"error": {"message": "no such route"}})
@@ -121,6 +180,20 @@ class FakeUpstream:
             self.bodies_with_proxy_fields += 1
         if "stream" in body or "stream_options" in body:
             self.streamed += 1
+        limited = self._rate_limit(str(body.get("model")), body)
+        if limited is not None and limited[0] == 429:
+            return self._json(
+                start_response,
+                429,
+                {
+                    "error": {
+                        "message": "Rate limit reached",
+                        "type": "requests",
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+                limited[1],
+            )
         self.inflight += 1
         self.peak = max(self.peak, self.inflight)
         try:
@@ -129,7 +202,7 @@ class FakeUpstream:
                 delay = 0.0
             if delay > 0:
                 gevent.sleep(delay)
-            headers = {}
+            headers = dict(limited[1]) if limited is not None else {}
             if "retry_after" in fake:
                 headers["Retry-After"] = str(fake["retry_after"])
             if attempt <= int(fake.get("fail_times", 0)):
@@ -162,6 +235,10 @@ class FakeUpstream:
                 return self._stream(f"echo: {content}", body, fake, int(arrived))
             if "huge" in fake or "endless" in fake:
                 return self._big(start_response, body, fake, key, int(arrived))
+            usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            if limited is not None:
+                cost = openai_tokens(body)
+                usage = {"prompt_tokens": cost, "completion_tokens": 0, "total_tokens": cost}
             return self._json(
                 start_response,
                 200,
@@ -177,11 +254,41 @@ class FakeUpstream:
                             "message": {"role": "assistant", "content": f"echo: {content}"},
                         }
                     ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    "usage": usage,
                 },
+                headers,
             )
         finally:
             self.inflight -= 1
+
+    def _rate_limit(self, model: str, body: dict[str, Any]) -> tuple[int, dict[str, str]] | None:
+        """(200 or 429, the headers to send) for a model with limits; None for one without."""
+        buckets = self.buckets.get(model)
+        if not buckets:
+            return None
+        now = time.monotonic()
+        cost = {"rpm": 1.0, "tpm": float(openai_tokens(body))}
+        for bucket in buckets.values():
+            bucket.refill(now)
+        wait = max(bucket.wait_for(cost[kind]) for kind, bucket in buckets.items())
+        status = 429 if wait > 0 else 200
+        if status == 200:
+            for kind, bucket in buckets.items():
+                bucket.level -= cost[kind]
+            self.admitted.setdefault(model, []).append(time.time())
+        else:
+            self.rejected[model] += 1
+        headers: dict[str, str] = {}
+        for kind, name in (("rpm", "requests"), ("tpm", "tokens")):
+            found = buckets.get(kind)
+            if found is not None:
+                headers[f"x-ratelimit-limit-{name}"] = str(found.capacity)
+                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(found.level)))
+                headers[f"x-ratelimit-reset-{name}"] = go_duration(found.reset())
+        if status == 429:
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+            headers["Retry-After"] = str(math.ceil(wait))
+        return status, headers
 
     def _stream(self, text: str, body: dict[str, Any], fake: dict[str, Any], created: int) -> Iterator[bytes]:
         """The answer as OpenAI streams it, a word per chunk, ``chunk_delay`` apart; with

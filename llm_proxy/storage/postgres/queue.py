@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from llm_proxy.domain.job import Job, body_digest
 from llm_proxy.storage.base import (
+    ALL_MODELS,
     IDEMPOTENCY_WINDOW,
     CancelResult,
     Claim,
@@ -23,6 +25,7 @@ from llm_proxy.storage.base import (
     QueueCounts,
     Queued,
     QueueFull,
+    RateGate,
     Renewal,
     Submitted,
 )
@@ -39,8 +42,8 @@ _WAITING = "SELECT coalesce(sum(n), 0) FROM llm_proxy_counts WHERE name = 'waiti
 WORK_CHANNEL = "llm_proxy_work"
 
 _INSERT = """
-INSERT INTO llm_proxy_jobs (request_id, owner, body, submitted_at, relay)
-VALUES (%s, %s, %s, %s, %s) RETURNING ticket
+INSERT INTO llm_proxy_jobs (request_id, owner, body, submitted_at, relay, model)
+VALUES (%s, %s, %s, %s, %s, %s) RETURNING ticket
 """
 # Waiting jobs, oldest first, along the partial index of waiting rows (claimed jobs whose lease
 # lapsed wait again through ``requeue_lapsed``, which every worker runs every third of a lease).
@@ -60,6 +63,34 @@ SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
 FROM picked WHERE j.ticket = picked.ticket
 RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
     j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
+"""
+# With rate limits: the free slots, then the oldest waiting jobs passing over the models held back
+# (and those already taken by this claim), judged one by one by the gate, then the admitted ones
+# leased in one statement. Rate-limit state is read and written under the claim's advisory lock.
+_USED = "SELECT count(*) FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now()"
+_CANDIDATES = """
+SELECT ticket, request_id, model, body FROM llm_proxy_jobs
+WHERE state < 2 AND model <> ALL(%(passed)s) AND ticket <> ALL(%(taken)s)
+ORDER BY ticket LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+_LEASE_ADMITTED = """
+UPDATE llm_proxy_jobs AS j
+SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
+    lease_expires_at = now() + make_interval(secs => %(lease)s), calling = true
+FROM (SELECT ticket, state FROM llm_proxy_jobs WHERE ticket = ANY(%(tickets)s)) AS picked
+WHERE j.ticket = picked.ticket
+RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
+    j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
+"""
+_RATES = "SELECT model, state FROM llm_proxy_rates"
+_STORE_RATES = """
+INSERT INTO llm_proxy_rates (model, state) SELECT * FROM unnest(%s::text[], %s::text[])
+ON CONFLICT (model) DO UPDATE SET state = excluded.state
+"""
+_STORE_THROTTLES = """
+INSERT INTO llm_proxy_rates (model, throttled_until) SELECT * FROM unnest(%s::text[], %s::float8[])
+ON CONFLICT (model) DO UPDATE SET throttled_until = excluded.throttled_until
 """
 # A waiting job's place in line, exact, counting the shorter side of it: the jobs ahead, or (in a
 # deep queue, for the newest ones) the jobs behind, taken from the waiting count that the
@@ -81,6 +112,15 @@ SELECT j.ticket, j.state, j.owner, j.submitted_at, j.body,
     END
 FROM llm_proxy_jobs AS j WHERE j.request_id = %s AND j.state < 3
 """
+_THROTTLED_UNTIL = """
+SELECT max(throttled_until) FROM llm_proxy_rates
+WHERE model IN (%s, '*') AND throttled_until > extract(epoch FROM now())
+"""
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""
 
 
 def _body(text: str) -> dict[str, Any]:
@@ -98,6 +138,7 @@ class PostgresJobQueue(JobQueue):
         self._put = GroupCommit(self._insert_many, "cannot store the job")
         # Concurrent callers (every submit asks) share one read, started after each of them asked.
         self._counts = GroupCommit(self._count_for, "cannot read the job queue")
+        self._share = GroupCommit(self._share_many, "cannot record rate limits")
 
     def with_ceiling(self, ceiling: int) -> None:
         """The global MAX_CONCURRENT this process's claims respect (set by the worker)."""
@@ -137,7 +178,7 @@ class PostgresJobQueue(JobQueue):
 
     def _insert(self, connection: Connection, job: Job) -> int:
         row = connection.execute(
-            _INSERT, (job.request_id, job.owner, job.body_json, job.submitted_at, job.relay)
+            _INSERT, (job.request_id, job.owner, job.body_json, job.submitted_at, job.relay, _model(job.body))
         ).fetchone()
         connection.execute("SELECT pg_notify(%s, '')", (WORK_CHANNEL,))
         return int(row[0]) if row else 0
@@ -179,6 +220,11 @@ class PostgresJobQueue(JobQueue):
         if not rows:
             return None
         ticket, state, owner, submitted_at, body, position = rows[0]
+        throttled_until = None
+        if position is not None:
+            until = self._db.execute("cannot read the job queue", _THROTTLED_UNTIL, (_model(_body(body)),))
+            if until and until[0][0] is not None:
+                throttled_until = int(float(until[0][0]) * 1000)
         return Queued(
             ticket=int(ticket),
             request_id=request_id,
@@ -188,9 +234,12 @@ class PostgresJobQueue(JobQueue):
             in_flight=int(state) == 2,
             fresh=int(state) == 0,
             position=None if position is None else int(position),
+            throttled_until=throttled_until,
         )
 
-    def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
+    def claim_many(
+        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+    ) -> list[Claim]:
         # Without a ceiling (no worker set one: tests, tools) nothing but ``limit`` bounds a claim.
         ceiling = self._ceiling if self._ceiling is not None else 2**31 - 1
         ended, self._ended = self._ended, {}
@@ -199,9 +248,12 @@ class PostgresJobQueue(JobQueue):
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
                 if ended:
                     connection.execute(_CALLS_ENDED, (list(ended), list(ended.values())))
-                rows = connection.execute(
-                    _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
-                ).fetchall()
+                if gate is None:
+                    rows = connection.execute(
+                        _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
+                    ).fetchall()
+                else:
+                    rows = self._claim_admitted(connection, limit, ceiling, holder, lease_seconds, gate)
         except BaseException:
             self._ended.update(ended)
             raise
@@ -233,6 +285,70 @@ class PostgresJobQueue(JobQueue):
             ) in rows
         ]
         return sorted(claims, key=lambda c: c.ticket)
+
+    @staticmethod
+    def _claim_admitted(
+        connection: Connection, limit: int, ceiling: int, holder: str, lease_seconds: float, gate: RateGate
+    ) -> list[Any]:
+        used = connection.execute(_USED).fetchone()
+        free = min(limit, ceiling - (int(used[0]) if used else 0))
+        shared = {str(model): str(state) for model, state in connection.execute(_RATES).fetchall()}
+        passed = set(gate.begin(shared))
+        taken: list[int] = []
+        while ALL_MODELS not in passed and len(taken) < free:
+            wanted = free - len(taken)
+            candidates = connection.execute(
+                _CANDIDATES, {"passed": sorted(passed), "taken": taken, "limit": wanted}
+            ).fetchall()
+            refused = False
+            for ticket, request_id, model, body in candidates:
+                if model in passed:
+                    continue
+                if gate.admit(str(request_id), str(model), _body(body)):
+                    taken.append(int(ticket))
+                else:
+                    passed.add(str(model))
+                    refused = True
+            if not refused or len(candidates) < wanted:
+                break
+        states, throttles = gate.end()
+        if states:
+            connection.execute(_STORE_RATES, (list(states), list(states.values())))
+        if throttles:
+            connection.execute(_STORE_THROTTLES, (list(throttles), list(throttles.values())))
+        if not taken:
+            return []
+        return connection.execute(
+            _LEASE_ADMITTED, {"holder": holder, "lease": lease_seconds, "tickets": taken}
+        ).fetchall()
+
+    def share_rates(
+        self, models: Collection[str], change: Callable[[Mapping[str, str] | None], dict[str, str]]
+    ) -> None:
+        self._share((list(models), change))
+
+    def _share_many(
+        self, items: list[tuple[list[str], Callable[[Mapping[str, str] | None], dict[str, str]]]]
+    ) -> list[None]:
+        """Concurrent changes share one transaction, each seeing the state the one before left."""
+        wanted = sorted({model for models, _ in items for model in models})
+        with self._db.transaction("cannot record rate limits") as connection:
+            # The claims' lock: a claim reads and writes the same rows.
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+            state = {
+                str(model): str(text)
+                for model, text in connection.execute(
+                    "SELECT model, state FROM llm_proxy_rates WHERE model = ANY(%s)", (wanted,)
+                ).fetchall()
+            }
+            changed: dict[str, str] = {}
+            for models, change in items:
+                stored = change({model: state[model] for model in models if model in state})
+                state.update(stored)
+                changed.update(stored)
+            if changed:
+                connection.execute(_STORE_RATES, (list(changed), list(changed.values())))
+        return [None] * len(items)
 
     def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:
         if not claims:

@@ -127,6 +127,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX llm_proxy_jobs_owner
         ON llm_proxy_jobs (owner, submitted_at DESC, request_id DESC) WHERE state < 3;
     """,
+    # Rate limits: each job's model, so claims can pass over the models held back, and each
+    # model's shared rate-limit state (``llm_proxy.ratelimit.book``; ``*`` for the whole upstream)
+    # with until when it is held back (seconds since the epoch, for waiting jobs' statuses). Jobs
+    # queued before this version count as model '' (their bodies are not parsed here: one that is
+    # not valid JSON for Postgres would stop the migration).
+    """
+    ALTER TABLE llm_proxy_jobs ADD COLUMN model text NOT NULL DEFAULT '';
+    CREATE TABLE llm_proxy_rates (
+        model text PRIMARY KEY, state text NOT NULL DEFAULT '{}', throttled_until double precision
+    );
+    """,
 )
 
 

@@ -15,8 +15,10 @@ every query is ours, because persist-queue's own were measured to fall short her
 from __future__ import annotations
 
 import functools
+import json
 import sqlite3
 import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import persistqueue.serializers.json as json_serializer
 
 from llm_proxy.domain.job import Job, body_digest
 from llm_proxy.storage.base import (
+    ALL_MODELS,
     IDEMPOTENCY_WINDOW,
     CancelResult,
     Claim,
@@ -35,6 +38,7 @@ from llm_proxy.storage.base import (
     QueueCounts,
     Queued,
     QueueFull,
+    RateGate,
     Renewal,
     StorageUnavailable,
     Submitted,
@@ -95,6 +99,15 @@ CREATE TABLE IF NOT EXISTS {TABLE}_leases (
 CREATE INDEX IF NOT EXISTS {TABLE}_leases_holder ON {TABLE}_leases (holder);
 INSERT OR IGNORE INTO {TABLE}_counts VALUES ('identity', random());
 """
+# Until when a rate limit holds each model back (seconds since the epoch), as the worker's last
+# claim found, for a waiting job's status; ``*`` stands for every model.
+_RATE_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE}_throttles (model TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID;
+"""
+_THROTTLE = f"INSERT OR REPLACE INTO {TABLE}_throttles (model, until) VALUES (?, ?)"
+_THROTTLED_UNTIL = f"""
+SELECT MAX(until) FROM {TABLE}_throttles WHERE model IN (?, '{ALL_MODELS}') AND until > ?
+"""
 _FIND_KEY = (
     f"SELECT request_id, body_hash FROM {TABLE}_idempotency WHERE owner = ? AND key = ? AND created_at > ?"
 )
@@ -132,6 +145,16 @@ SELECT _id, data, status,
     EXISTS (SELECT 1 FROM {TABLE}_cancels WHERE request_id = json_extract(data, '$.request_id'))
 FROM {TABLE} NOT INDEXED
 WHERE status < {IN_FLIGHT} AND _id >= {_OLDEST_WAITING}
+ORDER BY _id LIMIT ?
+"""
+# The same, passing over the jobs of the models a rate limit holds back (a JSON list): the walk
+# reads the held-back jobs' rows on its way, which costs only while such a backlog waits ahead.
+_CLAIM_PASSING = f"""
+SELECT _id, data, status,
+    EXISTS (SELECT 1 FROM {TABLE}_cancels WHERE request_id = json_extract(data, '$.request_id'))
+FROM {TABLE} NOT INDEXED
+WHERE status < {IN_FLIGHT} AND _id >= {_OLDEST_WAITING}
+    AND coalesce(json_extract(data, '$.body.model'), '') NOT IN (SELECT value FROM json_each(?))
 ORDER BY _id LIMIT ?
 """
 _MARK_CLAIMED = f"UPDATE {TABLE} SET status = {IN_FLIGHT} WHERE _id = ?"
@@ -194,7 +217,7 @@ class PersistJobQueue(JobQueue):
             self._reader = sqlite3.connect(path, timeout=OPEN_TIMEOUT, isolation_level=None)
             try:
                 # One transaction: web and worker may both set this up at the same moment.
-                self._reader.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+                self._reader.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} {_RATE_SCHEMA} COMMIT;")
             finally:
                 if self._reader.in_transaction:
                     self._reader.execute("ROLLBACK")
@@ -276,6 +299,11 @@ class PersistJobQueue(JobQueue):
         if row is None:
             return None
         ticket, status, owner, submitted_at, body_json, position = row
+        throttled_until = None
+        if position is not None:
+            model = json.loads(body_json).get("model") if body_json else None
+            until = self._scalar(_THROTTLED_UNTIL, (str(model or ""), time.time()))
+            throttled_until = None if until is None else int(float(until) * 1000)
         return Queued(
             ticket=int(ticket),
             request_id=request_id,
@@ -285,14 +313,20 @@ class PersistJobQueue(JobQueue):
             in_flight=int(status) >= IN_FLIGHT,
             fresh=int(status) == INITED,
             position=None if position is None else int(position),
+            throttled_until=throttled_until,
         )
 
-    def claim_many(self, limit: int, *, holder: str, lease_seconds: float) -> list[Claim]:
+    def claim_many(
+        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+    ) -> list[Claim]:
         expires_at = time.time() + lease_seconds
 
         def take() -> tuple[list[Any], int]:
             with immediate(self._claimer) as connection:
-                rows = connection.execute(_CLAIM, (limit,)).fetchall()
+                if gate is None:
+                    rows = connection.execute(_CLAIM, (limit,)).fetchall()
+                else:
+                    rows = self._admitted(connection, limit, gate)
                 if not rows:
                     return [], 0
                 connection.executemany(_MARK_CLAIMED, [(row[0],) for row in rows])
@@ -311,6 +345,41 @@ class PersistJobQueue(JobQueue):
             )
             for ticket, data, status, cancelled in rows
         ]
+
+    @staticmethod
+    def _admitted(connection: sqlite3.Connection, limit: int, gate: RateGate) -> list[Any]:
+        """The oldest waiting jobs the gate admits, in ticket order. A model refused on the way is
+        passed over from then on; when that leaves room, the walk goes on past it."""
+        passed = set(gate.begin(None))
+        taken: list[Any] = []
+        while ALL_MODELS not in passed and len(taken) < limit:
+            wanted = limit - len(taken)
+            rows = connection.execute(_CLAIM_PASSING, (json.dumps(sorted(passed)), wanted)).fetchall()
+            refused = False
+            for row in rows:
+                job = json_serializer.loads(row[1])
+                body = job.get("body") or {}
+                model = str(body.get("model") or "")
+                if model in passed:
+                    continue
+                if gate.admit(str(job["request_id"]), model, body):
+                    # Marked at once, so the next walk does not offer it again.
+                    connection.execute(_MARK_CLAIMED, (row[0],))
+                    taken.append(row)
+                else:
+                    passed.add(model)
+                    refused = True
+            if not refused or len(rows) < wanted:
+                break
+        _, throttles = gate.end()
+        connection.executemany(_THROTTLE, list(throttles.items()))
+        return taken
+
+    def share_rates(
+        self, models: Collection[str], change: Callable[[Mapping[str, str] | None], dict[str, str]]
+    ) -> None:
+        # One worker per DATA_DIR: its own memory is the only state there is.
+        change(None)
 
     def renew(self, claims: list[Claim], lease_seconds: float) -> Renewal:
         expires_at = time.time() + lease_seconds
