@@ -612,6 +612,78 @@ class Bench:
             )
         )
 
+    # rate limits -------------------------------------------------------------------------------
+
+    def rate_limits(self) -> None:
+        """A burst of short requests against an upstream that allows 1,200 RPM and 200,000 TPM per
+        model (a bucket that refills continuously, as OpenAI's), pacing on and off in the same run.
+        Goodput is the calls the upstream let through over the most it would have let through in
+        that time (its full bucket plus the refill), so 1.0 is the upstream's limit."""
+        total = 200 if self.quick else 2000
+        rpm, tpm = (120, 20_000) if self.quick else (1200, 200_000)
+        print(f"rate limits ({total} requests, upstream {rpm} RPM / {tpm} TPM per model)", flush=True)
+        for label, adaptive in (("on", "true"), ("off", "false")):
+            model = f"bench-ratelimit-{label}-{os.getpid()}"
+            requests.post(
+                f"http://127.0.0.1:{self.upstream_port}/_limits",
+                json={model: {"rpm": rpm, "tpm": tpm}},
+                timeout=5,
+            ).raise_for_status()
+            service = self.service(MAX_CONCURRENT="50", EMBEDDED_WORKER="false", RATE_LIMIT_ADAPTIVE=adaptive)
+            service.start()
+            try:
+                payload = json.dumps(
+                    {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+                ).encode()
+                ids = submit_many(service.port, [payload] * total, HEADERS, concurrency=32)
+                service.start("worker")
+                wait_until(
+                    functools.partial(lambda s: s.unfinished() == 0, service), timeout=600, interval=0.2
+                )
+                stats = self.upstream_stats()
+                admitted = sorted(stats["admitted"].get(model, []))
+                rejected = int(stats["rejected"].get(model, 0))
+                ended = [service.status(rid) for rid, _ in ids]
+            finally:
+                service.stop()
+            span = admitted[-1] - admitted[0] if len(admitted) > 1 else 0.0
+            allowed = min(float(total), rpm + rpm / 60 * span)
+            goodput = len(admitted) / allowed if allowed else 0.0
+            limited = sum(1 for e in ended if (e.get("error") or {}).get("type") == "rate_limited")
+            completed = sum(1 for e in ended if e.get("status") == "completed")
+            share = rejected / max(1, len(admitted) + rejected)
+            paced = label == "on"
+            self.add(
+                Figure(
+                    f"rate limits, pacing {label}: goodput",
+                    goodput,
+                    "",
+                    target=">= 0.95" if paced else "",
+                    met=goodput >= 0.95 if paced else None,
+                    note=f"{len(admitted)} calls let through in {span:.1f} s (the upstream allowed "
+                    f"{allowed:.0f}); {completed} of {total} completed",
+                )
+            )
+            self.add(
+                Figure(
+                    f"rate limits, pacing {label}: upstream 429s",
+                    share * 100,
+                    "% of calls",
+                    target="<= 1 %" if paced else "",
+                    met=share <= 0.01 if paced else None,
+                    note=f"{rejected} 429s of {len(admitted) + rejected} calls",
+                )
+            )
+            self.add(
+                Figure(
+                    f"rate limits, pacing {label}: ended rate_limited",
+                    limited,
+                    "requests",
+                    target="== 0" if paced else "",
+                    met=limited == 0 if paced else None,
+                )
+            )
+
     def phases(self) -> dict[str, Callable[[], None]]:
         return {
             "submit": self.submit_and_status,
@@ -621,6 +693,7 @@ class Bench:
             "footprint": self.footprint,
             "wait": self.wait_mode,
             "postgres": self.on_postgres,
+            "ratelimit": self.rate_limits,
         }
 
 
@@ -650,7 +723,7 @@ def main() -> int:
         "--only",
         default="",
         help="comma-separated phases: submit (with status), "
-        "dispatch, slots, capacity, footprint, wait, postgres; all by default",
+        "dispatch, slots, capacity, footprint, wait, postgres, ratelimit; all by default",
     )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-bench-"))
