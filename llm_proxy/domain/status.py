@@ -59,6 +59,33 @@ class WebhookProgress:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One upstream call of a request, as the dashboard shows it."""
+
+    started_at: int
+    """Milliseconds since the epoch."""
+    duration_ms: int | None = None
+    """None while the call is under way (or when its worker died during it)."""
+    outcome: str = "running"
+    """``ok``, the error type of a failed call, ``cancelled``, ``interrupted``, or ``running``."""
+
+    def ended(self, outcome: str, now_ms: int) -> Attempt:
+        return dataclasses.replace(self, duration_ms=max(0, now_ms - self.started_at), outcome=outcome)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started_at": self.started_at, "duration_ms": self.duration_ms, "outcome": self.outcome}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        duration = data.get("duration_ms")
+        return cls(
+            started_at=int(data.get("started_at", 0)),
+            duration_ms=None if duration is None else int(duration),
+            outcome=str(data.get("outcome", "running")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatusEntry:
     """The client's request and the upstream's answer stay the JSON text they arrived as, so serving
     a status splices text instead of decoding and re-encoding whole completions on every poll."""
@@ -77,6 +104,10 @@ class StatusEntry:
     """Seconds since the epoch when a final entry disappears."""
     throttled_until: int | None = None
     """Milliseconds since the epoch until which a rate limit holds a pending request back."""
+    submitted_at: int | None = None
+    """Milliseconds since the epoch; None in entries stored before it was kept."""
+    history: tuple[Attempt, ...] = ()
+    """Each upstream attempt so far, oldest first (empty in entries stored before it was kept)."""
 
     def replace(self, **changes: Any) -> StatusEntry:
         return dataclasses.replace(self, **changes)
@@ -108,6 +139,10 @@ class StatusEntry:
             stored["expires_at"] = self.expires_at
         if self.throttled_until is not None:
             stored["throttled_until"] = self.throttled_until
+        if self.submitted_at is not None:
+            stored["submitted_at"] = self.submitted_at
+        if self.history:
+            stored["history"] = [attempt.to_dict() for attempt in self.history]
         return stored
 
     @classmethod
@@ -116,6 +151,8 @@ class StatusEntry:
         attempts = data.get("attempts")
         expires_at = data.get("expires_at")
         throttled_until = data.get("throttled_until")
+        submitted_at = data.get("submitted_at")
+        history = data.get("history")
         return cls(
             status=Status(data["status"]),
             request_json=data["request_json"],
@@ -127,4 +164,8 @@ class StatusEntry:
             webhook=WebhookProgress.from_dict(webhook) if isinstance(webhook, dict) else None,
             expires_at=None if expires_at is None else float(expires_at),
             throttled_until=None if throttled_until is None else int(throttled_until),
+            submitted_at=None if submitted_at is None else int(submitted_at),
+            history=tuple(Attempt.from_dict(a) for a in history if isinstance(a, dict))
+            if isinstance(history, list)
+            else (),
         )

@@ -28,6 +28,7 @@ from llm_proxy.api.auth import KeyChecker, generated_key
 from llm_proxy.api.http import SECURITY_HEADERS, WSGIApp, error_payload
 from llm_proxy.api.service import RequestService
 from llm_proxy.api.waiters import Waiters
+from llm_proxy.dashboard.app import Dashboard, with_dashboard
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
 from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition
 from llm_proxy.processes import CONFIG_ERROR, SUPERVISOR_PID_ENV
@@ -126,6 +127,14 @@ def build_web(config: Config) -> Web:
         signals=signals,
         health=HealthMonitor(backend.probe, worker_silence=worker_silence(config.lease_timeout)).check,
     )
+    dashboard = Dashboard(
+        service=service,
+        queue=backend.queue,
+        index=backend.requests,
+        api_keys=keys,
+        max_concurrent=config.max_concurrent,
+    )
+    app = with_dashboard(app, dashboard.wsgi())
     return Web(app=app, config=config, closers=[waiters, backend])
 
 

@@ -16,7 +16,7 @@ import gevent
 import gevent.event
 
 from llm_proxy.domain.job import Job, now_ms
-from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.domain.status import Attempt, Status, StatusEntry
 from llm_proxy.observability.metrics import Metrics
 from llm_proxy.services.finalize import Finalizer
 from llm_proxy.storage.base import Claim, JobQueue, RelaySender, Slot, StatusStore, StorageUnavailable
@@ -51,8 +51,19 @@ class LeaseLost(Exception):
 
 def entry_for(job: Job, status: Status, **fields: Any) -> StatusEntry:
     return StatusEntry(
-        status=status, request_json=job.body_json, owner=job.owner, timestamp=now_ms(), **fields
+        status=status,
+        request_json=job.body_json,
+        owner=job.owner,
+        timestamp=now_ms(),
+        submitted_at=job.submitted_at or None,
+        **fields,
     )
+
+
+def closed(history: tuple[Attempt, ...], outcome: str) -> tuple[Attempt, ...]:
+    """The history with an attempt still marked running ended as ``outcome`` now: its call was
+    cut short (cancelled, or its worker died during it)."""
+    return tuple(a.ended(outcome, now_ms()) if a.duration_ms is None else a for a in history)
 
 
 class JobRunner:
@@ -104,7 +115,13 @@ class JobRunner:
             log.warning("request %s: lease lost; left to its new holder", job.request_id)
         except Cancelled:
             slot.release()
-            self._finish(claim, Status.CANCELLED, attempts=self._attempts_of(job))
+            current = self._statuses.get(job.request_id)
+            self._finish(
+                claim,
+                Status.CANCELLED,
+                attempts=current.attempts_made if current else 0,
+                history=closed(current.history, "cancelled") if current else (),
+            )
         except StorageUnavailable as exc:
             log.error("request %s: storage failed, it will be retried: %s", job.request_id, exc)
             self._release_when_possible(claim)
@@ -141,6 +158,9 @@ class JobRunner:
             self._finalizer.complete_redelivered(claim, entry)
             return
         attempts = entry.attempts_made if entry else 0
+        # Each attempt's start, duration and outcome, for the dashboard; one left running by a
+        # worker that died during its call ends as interrupted.
+        history = closed(entry.history, "interrupted") if entry else ()
         ended = exhausted_by_crashes(attempts, self._policy)
         while ended is None:
             if job.request_id in self._cancels:
@@ -150,13 +170,16 @@ class JobRunner:
                 admitted = self._limiter.before_call(job)
                 if isinstance(admitted, float):
                     # Held back by a rate limit, maybe someone else's 429: no attempt is spent.
-                    self._hold_back(claim, slot, attempts, admitted)
+                    self._hold_back(claim, slot, attempts, history, admitted)
                     return
                 permit = admitted
             attempts += 1
+            attempt = Attempt(started_at=now_ms())
             # Stored before the call, so a crash during it counts as an attempt.
             self._statuses.put(
-                job.request_id, entry_for(job, Status.PROCESSING, attempts=attempts), claim=claim
+                job.request_id,
+                entry_for(job, Status.PROCESSING, attempts=attempts, history=(*history, attempt)),
+                claim=claim,
             )
             started = time.monotonic()
             try:
@@ -165,13 +188,16 @@ class JobRunner:
             except GracefulStop:
                 # A call cut short by shutdown does not count against the request.
                 self._statuses.put(
-                    job.request_id, entry_for(job, Status.PENDING, attempts=attempts - 1), claim=claim
+                    job.request_id,
+                    entry_for(job, Status.PENDING, attempts=attempts - 1, history=history),
+                    claim=claim,
                 )
                 raise
             if self._limiter is not None and permit is not None:
                 self._limiter.after_call(permit, outcome)
+            kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
+            history = (*history, attempt.ended("ok" if outcome.ok else kind, now_ms()))
             if self._metrics is not None:
-                kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
                 self._metrics.attempted(kind, time.monotonic() - started)
             decision = decide(attempts, outcome, self._policy)
             if isinstance(decision, RetryAfter):
@@ -188,17 +214,25 @@ class JobRunner:
                 if outcome.status == 429 and cooling is not None:
                     # The model is paused for everybody: the retry waits in the queue, at its
                     # place, not in a slot another model could use.
-                    self._hold_back(claim, slot, attempts, cooling)
+                    self._hold_back(claim, slot, attempts, history, cooling)
                     return
+                # The failed attempt shows while the retry waits.
+                self._statuses.put(
+                    job.request_id,
+                    entry_for(job, Status.PROCESSING, attempts=attempts, history=history),
+                    claim=claim,
+                )
                 with self._cancellable(job.request_id):
                     self._sleep(decision.delay)
                 continue
             slot.release()
-            self._end(claim, decision, attempts)
+            self._end(claim, decision, attempts, history)
             return
-        self._end(claim, ended, None)
+        self._end(claim, ended, None, history)
 
-    def _hold_back(self, claim: Claim, slot: Slot, attempts: int, until: float) -> None:
+    def _hold_back(
+        self, claim: Claim, slot: Slot, attempts: int, history: tuple[Attempt, ...], until: float
+    ) -> None:
         """Back among the waiting jobs, at its place, showing until when a limit holds it."""
         job = claim.job
         if self._limiter is not None:
@@ -206,7 +240,9 @@ class JobRunner:
         log.debug("request %s: rate limit, waits until %.3f", job.request_id, until)
         self._statuses.put(
             job.request_id,
-            entry_for(job, Status.PENDING, attempts=attempts, throttled_until=int(until * 1000)),
+            entry_for(
+                job, Status.PENDING, attempts=attempts, history=history, throttled_until=int(until * 1000)
+            ),
             claim=claim,
         )
         slot.release()
@@ -223,11 +259,13 @@ class JobRunner:
         finally:
             self._interruptible.discard(request_id)
 
-    def _end(self, claim: Claim, ended: Finish, attempts: int | None) -> None:
+    def _end(self, claim: Claim, ended: Finish, attempts: int | None, history: tuple[Attempt, ...]) -> None:
         if ended.status is Status.COMPLETED:
-            self._finish(claim, ended.status, response_json=ended.response_json, attempts=attempts)
+            self._finish(
+                claim, ended.status, response_json=ended.response_json, attempts=attempts, history=history
+            )
         else:
-            self._finish(claim, ended.status, error=ended.error)
+            self._finish(claim, ended.status, error=ended.error, history=history)
 
     def _call(self, job: Job) -> Outcome:
         if not (job.relay and self._relay is not None):

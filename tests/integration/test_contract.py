@@ -15,7 +15,7 @@ import gevent.event
 import pytest
 
 from llm_proxy.domain.job import Job
-from llm_proxy.domain.status import Status, StatusEntry, WebhookProgress, WebhookState
+from llm_proxy.domain.status import Attempt, Status, StatusEntry, WebhookProgress, WebhookState
 from llm_proxy.storage.base import (
     ALL_MODELS,
     Backend,
@@ -348,6 +348,125 @@ def test_update_is_atomic_and_keeps_the_expiry(backend: Backend) -> None:
     stored = store.get("a")
     assert stored is not None and stored.attempts == 20 and stored.webhook == progress
     wait_until(lambda: store.get("a") is None, timeout=5)
+
+
+# -- RequestIndex ----------------------------------------------------------------------------------
+
+
+def submitted(n: int, owner: str = "o", model: str = "m") -> Job:
+    return Job(
+        request_id=f"chatreq_{n:020d}", body={"model": model, "n": n}, owner=owner, submitted_at=1_000_000 + n
+    )
+
+
+def listed_ids(backend: Backend, owner: str = "o", **filters: object) -> list[str]:
+    return [row.request_id for row in backend.requests.list_for(owner, **filters)]  # type: ignore[arg-type]
+
+
+def test_the_index_lists_an_owners_requests_newest_first_as_they_change(backend: Backend) -> None:
+    for n in range(5):
+        backend.queue.put(submitted(n))
+    backend.queue.put(submitted(9, owner="someone else"))
+    ids = [submitted(n).request_id for n in range(5)]
+    assert listed_ids(backend) == ids[::-1]
+    [first] = backend.requests.list_for("o", before=(1_000_001, ids[1]), limit=1)
+    assert first.request_id == ids[0] and first.status is Status.PENDING and first.model == "m"
+    assert first.submitted_at == 1_000_000 and first.attempts == 0
+    assert listed_ids(backend, "someone else") == [submitted(9).request_id]
+
+    [running] = claim(backend.queue)
+    attempt = Attempt(started_at=2_000_000)
+    progress = StatusEntry(
+        status=Status.PROCESSING,
+        request_json=running.job.body_json,
+        owner="o",
+        timestamp=2_000_000,
+        attempts=1,
+        submitted_at=running.job.submitted_at,
+        history=(attempt,),
+    )
+    backend.statuses.put(running.job.request_id, progress, claim=running)
+    assert listed_ids(backend, status=Status.PROCESSING) == [ids[0]]
+    failed = progress.replace(
+        status=Status.ERROR,
+        timestamp=2_000_500,
+        error={"type": "upstream_error", "attempts": 1},
+        history=(attempt.ended("upstream_error", 2_000_400),),
+    )
+    assert backend.finish(running.job.request_id, failed, ttl=60, claim=running)
+    [row] = backend.requests.list_for("o", status=Status.ERROR)
+    assert (row.request_id, row.error_type, row.attempts) == (ids[0], "upstream_error", 1)
+    assert (row.submitted_at, row.finished_at, row.upstream_ms) == (1_000_000, 2_000_500, 400)
+    assert row.duration_ms(now_ms=0) == 1_000_500
+
+    # A waiting job cancelled by the web (its entry does not carry the submit time) keeps its place.
+    cancelled = StatusEntry(status=Status.CANCELLED, request_json="{}", owner="o", timestamp=3_000_000)
+    assert backend.finish(ids[3], cancelled, ttl=60, withdraw=True)
+    assert listed_ids(backend) == ids[::-1]
+    [row] = backend.requests.list_for("o", status=Status.CANCELLED)
+    assert row.submitted_at == 1_000_003
+    assert listed_ids(backend, status=Status.PENDING) == [ids[4], ids[2], ids[1]]
+    assert listed_ids(backend, endpoint="/v1/chat/completions") == ids[::-1]
+    assert listed_ids(backend, endpoint="/v1/embeddings") == []
+
+
+def test_the_index_pages_through_many_requests_by_cursor(backend: Backend) -> None:
+    for n in range(120):
+        backend.queue.put(submitted(n, model=f"m{n % 3}"))
+    seen: list[str] = []
+    before = None
+    while True:
+        page = backend.requests.list_for("o", before=before, limit=50)
+        if not page:
+            break
+        seen += [row.request_id for row in page]
+        before = (page[-1].submitted_at, page[-1].request_id)
+    assert seen == [submitted(n).request_id for n in reversed(range(120))]
+
+
+def test_expired_results_leave_the_index(backend: Backend) -> None:
+    backend.queue.put(submitted(1))
+    [held] = claim(backend.queue)
+    done = StatusEntry(
+        status=Status.COMPLETED, request_json="{}", owner="o", timestamp=2_000_000, submitted_at=1_000_001
+    )
+    assert backend.finish(held.job.request_id, done, ttl=0.3, claim=held)
+    assert listed_ids(backend) == [held.job.request_id]
+    time.sleep(0.5)
+    assert listed_ids(backend) == []
+    backend.requests.purge_expired()
+    backend.statuses.purge_expired()
+    assert listed_ids(backend) == []
+
+
+def test_the_index_sums_up_an_owners_recent_requests(backend: Backend) -> None:
+    minute = 60_000 * 1000
+    outcomes = [(Status.COMPLETED, 0, 100), (Status.COMPLETED, 1, 300), (Status.ERROR, 1, 200)]
+    for n, (status, offset, ms) in enumerate(outcomes):
+        backend.queue.put(submitted(n))
+        [held] = claim(backend.queue)
+        at = minute + offset * 60_000 + 5
+        final = StatusEntry(
+            status=status,
+            request_json="{}",
+            owner="o",
+            timestamp=at,
+            submitted_at=held.job.submitted_at,
+            history=(Attempt(started_at=at - ms, duration_ms=ms, outcome="ok"),),
+            webhook=WebhookProgress(),
+            error={"type": "upstream_error"} if status is Status.ERROR else None,
+        )
+        assert backend.finish(held.job.request_id, final, ttl=60, claim=held)
+    backend.statuses.update(
+        submitted(2).request_id, lambda e: e.replace(webhook=WebhookProgress(state=WebhookState.FAILED))
+    )
+    summary = backend.requests.summary("o", since=minute)
+    assert summary.per_minute == {minute: (1, 0), minute + 60_000: (1, 1)}
+    assert (summary.completed, summary.failed) == (2, 1)
+    assert sorted(summary.latencies_ms) == [100, 200, 300]
+    assert (summary.webhooks_pending, summary.webhooks_failed) == (2, 1)
+    assert backend.requests.summary("o", since=minute + 120_000).per_minute == {}
+    assert backend.requests.summary("nobody", since=0).latencies_ms == []
 
 
 # -- Outbox ----------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ RANKS = {
     "upstream": 3,
     "webhooks": 4,
     "api": 5,
-    "web": 6,
+    "dashboard": 6,
+    "web": 7,
     "worker": 6,
 }
 

@@ -23,6 +23,10 @@ from llm_proxy.storage.postgres.database import Database
 from llm_proxy.storage.postgres.limit import SharedLimit
 from llm_proxy.storage.postgres.outbox import PostgresOutbox
 from llm_proxy.storage.postgres.queue import PostgresJobQueue
+from llm_proxy.storage.postgres.requests import COLUMNS as LISTED
+from llm_proxy.storage.postgres.requests import ON_CONFLICT as LISTED_CHANGED
+from llm_proxy.storage.postgres.requests import PostgresRequestIndex, listing_json
+from llm_proxy.storage.postgres.requests import values as listed_values
 from llm_proxy.storage.postgres.schema import migrate
 from llm_proxy.storage.postgres.signals import PostgresWebSignals, PostgresWorkerSignals
 from llm_proxy.storage.postgres.statuses import PostgresStatusStore
@@ -30,22 +34,25 @@ from llm_proxy.storage.postgres.statuses import PostgresStatusStore
 # Finishing claimed jobs, many in one statement (concurrent finishes share it: one round trip
 # and one commit for the batch). Each ack is fenced by its lease token; only the acked ones get
 # their status and owed webhook.
-_FINISH_MANY = """
+_FINISH_MANY = f"""
 WITH done AS (
     SELECT * FROM unnest(
         %(tickets)s::bigint[], %(tokens)s::bigint[], %(request_ids)s::text[], %(entries)s::text[],
         %(ttls)s::float8[], %(owes)s::boolean[], %(owners)s::text[], %(urls)s::text[],
-        %(payloads)s::text[]
-    ) AS d(ticket, token, request_id, entry, ttl, owes, owner, url, payload)
+        %(payloads)s::text[], %(listings)s::text[]
+    ) AS d(ticket, token, request_id, entry, ttl, owes, owner, url, payload, listing)
 ), acked AS (
     UPDATE llm_proxy_jobs AS j SET state = 3, calling = false, finished_at = now()
     FROM done WHERE j.ticket = done.ticket AND j.token = done.token AND j.state = 2
-    RETURNING j.ticket
+    RETURNING j.ticket, j.submitted_at
 ), status AS (
-    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
-    SELECT done.request_id, done.entry, now() + make_interval(secs => done.ttl)
+    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})
+    SELECT done.request_id, done.entry, now() + make_interval(secs => done.ttl),
+        {listed_values("l", "acked.submitted_at")}
     FROM done JOIN acked USING (ticket)
-    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
+        CROSS JOIN LATERAL json_populate_record(NULL::llm_proxy_listing, done.listing::json) AS l
+    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at,
+        {LISTED_CHANGED}
 ), owed AS (
     INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
     SELECT done.request_id, done.owner, done.url, done.payload
@@ -55,24 +62,27 @@ WITH done AS (
     SELECT pg_notify('llm_proxy_work', '') FROM (SELECT 1 FROM acked LIMIT 1) AS any_acked
 )
 SELECT acked.ticket FROM acked LEFT JOIN freed ON true
-"""
+"""  # noqa: S608
 
 # The web cancelling a waiting job: out of the queue, with its final status, at once.
-_WITHDRAW = """
+_WITHDRAW = f"""
 WITH acked AS (
     UPDATE llm_proxy_jobs SET state = 3, calling = false, finished_at = now()
     WHERE request_id = %(request_id)s AND state < 2
-    RETURNING 1
+    RETURNING submitted_at
 ), status AS (
-    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
-    SELECT %(request_id)s, %(entry)s, now() + make_interval(secs => %(ttl)s) FROM acked
-    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
+    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})
+    SELECT %(request_id)s, %(entry)s, now() + make_interval(secs => %(ttl)s),
+        {listed_values("l", "acked.submitted_at")}
+    FROM acked CROSS JOIN json_populate_record(NULL::llm_proxy_listing, %(listing)s::json) AS l
+    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at,
+        {LISTED_CHANGED}
 ), owed AS (
     INSERT INTO llm_proxy_outbox (request_id, owner, url, payload)
     SELECT %(request_id)s, %(owner)s, %(url)s, %(payload)s FROM acked WHERE %(owes)s
 )
 SELECT count(*) FROM acked
-"""
+"""  # noqa: S608
 
 
 # A worker's heartbeat; heartbeats of workers gone for an hour are dropped on the way, so the
@@ -103,6 +113,7 @@ class _Finish:
     entry: str
     ttl: float
     delivery: Delivery | None
+    listing: str
 
 
 class PostgresBackend(Backend):
@@ -116,6 +127,7 @@ class PostgresBackend(Backend):
         self.queue: PostgresJobQueue = PostgresJobQueue(self._db)
         self.statuses: PostgresStatusStore = PostgresStatusStore(self._db)
         self.outbox: PostgresOutbox = PostgresOutbox(self._db)
+        self.requests = PostgresRequestIndex(self._db)
         self._signals: list[WebSignals | WorkerSignals] = []
         self._finish = GroupCommit(self._finish_many, "cannot finish the request")
 
@@ -150,7 +162,7 @@ class PostgresBackend(Backend):
                     self.outbox.owe_in(connection, delivery)
             return True
         if claim is not None:
-            return self._finish(_Finish(claim, request_id, stored, ttl, delivery))
+            return self._finish(_Finish(claim, request_id, stored, ttl, delivery, listing_json(entry)))
         rows = self._db.execute(
             "cannot finish the request",
             _WITHDRAW,
@@ -158,6 +170,7 @@ class PostgresBackend(Backend):
                 "request_id": request_id,
                 "entry": stored,
                 "ttl": ttl,
+                "listing": listing_json(entry),
                 "owes": delivery is not None,
                 "owner": delivery.owner if delivery else "",
                 "url": delivery.url if delivery else "",
@@ -180,6 +193,7 @@ class PostgresBackend(Backend):
                 "owners": [f.delivery.owner if f.delivery else "" for f in batch],
                 "urls": [f.delivery.url if f.delivery else "" for f in batch],
                 "payloads": [f.delivery.payload if f.delivery else "" for f in batch],
+                "listings": [f.listing for f in batch],
             },
         )
         acked = {int(ticket) for (ticket,) in rows}

@@ -106,16 +106,22 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN endpoint text, ADD COLUMN model text, ADD COLUMN attempts integer,
         ADD COLUMN error_type text, ADD COLUMN finished_at bigint, ADD COLUMN upstream_ms integer,
         ADD COLUMN webhook text;
-    UPDATE llm_proxy_statuses SET
-        owner = entry::json ->> 'owner',
-        status = entry::json ->> 'status',
-        submitted_at = coalesce(entry::json ->> 'submitted_at', entry::json ->> 'timestamp')::bigint,
+    -- An entry that is not JSON for Postgres (Python writes NaN) stays unlisted, rather than
+    -- stopping the migration.
+    CREATE FUNCTION pg_temp.entry_json(entry text) RETURNS json LANGUAGE plpgsql AS $$
+    BEGIN RETURN entry::json; EXCEPTION WHEN others THEN RETURN NULL; END $$;
+    UPDATE llm_proxy_statuses AS s SET
+        owner = e.j ->> 'owner',
+        status = e.j ->> 'status',
+        submitted_at = coalesce(e.j ->> 'submitted_at', e.j ->> 'timestamp')::bigint,
         endpoint = '/v1/chat/completions',
-        attempts = coalesce(entry::json ->> 'attempts', entry::json -> 'error' ->> 'attempts', '0')::integer,
-        error_type = entry::json -> 'error' ->> 'type',
-        finished_at = CASE WHEN entry::json ->> 'status' IN ('completed', 'error', 'cancelled')
-            THEN (entry::json ->> 'timestamp')::bigint END,
-        webhook = entry::json -> 'webhook' ->> 'state';
+        attempts = coalesce(e.j ->> 'attempts', e.j -> 'error' ->> 'attempts', '0')::integer,
+        error_type = e.j -> 'error' ->> 'type',
+        finished_at = CASE WHEN e.j ->> 'status' IN ('completed', 'error', 'cancelled')
+            THEN (e.j ->> 'timestamp')::bigint END,
+        webhook = e.j -> 'webhook' ->> 'state'
+    FROM (SELECT request_id, pg_temp.entry_json(entry) AS j FROM llm_proxy_statuses) AS e
+    WHERE e.request_id = s.request_id AND e.j IS NOT NULL;
     CREATE INDEX llm_proxy_statuses_newest
         ON llm_proxy_statuses (owner, submitted_at DESC, request_id DESC);
     CREATE INDEX llm_proxy_statuses_by_status

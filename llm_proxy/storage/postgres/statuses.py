@@ -9,25 +9,45 @@ from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import Claim, StatusStore
 from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.postgres.database import Connection, Database
+from llm_proxy.storage.postgres.requests import COLUMNS as LISTED
+from llm_proxy.storage.postgres.requests import ON_CONFLICT as LISTED_CHANGED
+from llm_proxy.storage.postgres.requests import listing_json
+from llm_proxy.storage.postgres.requests import values as listed_values
 
 PURGE_LOCK = 7_210_003
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
-_UPSERT = """
-INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
-VALUES (%s, %s, CASE WHEN %s::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => %s) END)
-ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
-"""
+# Each writes the listed columns too (``requests``), from the entry's listing JSON.
+_UPSERT = f"""
+INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})
+SELECT %(request_id)s, %(entry)s,
+    CASE WHEN %(ttl)s::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => %(ttl)s) END,
+    {listed_values("l", "(SELECT submitted_at FROM llm_proxy_jobs WHERE request_id = %(request_id)s)")}
+FROM json_populate_record(NULL::llm_proxy_listing, %(listing)s::json) AS l
+ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at,
+    {LISTED_CHANGED}
+"""  # noqa: S608
 # Statuses written under a lease, many in one statement (concurrent writers share it): each row
 # only while its writer's lease is current.
-_FENCED_UPSERT = """
-INSERT INTO llm_proxy_statuses (request_id, entry, expires_at)
+_FENCED_UPSERT = f"""
+INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})
 SELECT w.request_id, w.entry,
-    CASE WHEN w.ttl IS NULL THEN NULL ELSE now() + make_interval(secs => w.ttl) END
-FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[], %s::bigint[])
-    AS w(request_id, entry, ttl, ticket, token)
+    CASE WHEN w.ttl IS NULL THEN NULL ELSE now() + make_interval(secs => w.ttl) END,
+    {listed_values("l", "j.submitted_at")}
+FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[], %s::bigint[], %s::text[])
+    AS w(request_id, entry, ttl, ticket, token, listing)
 JOIN llm_proxy_jobs AS j ON j.ticket = w.ticket AND j.token = w.token AND j.state = 2
-ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at
-"""
+CROSS JOIN LATERAL json_populate_record(NULL::llm_proxy_listing, w.listing::json) AS l
+ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at,
+    {LISTED_CHANGED}
+"""  # noqa: S608
+
+# ``update`` keeps the submit time the row has.
+_UPDATE = f"""
+UPDATE llm_proxy_statuses SET entry = %s, ({LISTED}) = (
+    SELECT {listed_values("l", "llm_proxy_statuses.submitted_at")}
+    FROM json_populate_record(NULL::llm_proxy_listing, %s::json) AS l
+) WHERE request_id = %s
+"""  # noqa: S608
 
 
 class PostgresStatusStore(StatusStore):
@@ -44,12 +64,13 @@ class PostgresStatusStore(StatusStore):
             with self._db.connection("cannot store status") as connection:
                 self.put_in(connection, request_id, entry, ttl)
             return
-        self._fenced((request_id, json.dumps(entry.to_dict()), ttl, claim))
+        self._fenced((request_id, json.dumps(entry.to_dict()), ttl, claim, listing_json(entry)))
 
-    def _put_fenced(self, batch: list[tuple[str, str, float | None, Claim]]) -> list[None]:
+    def _put_fenced(self, batch: list[tuple[str, str, float | None, Claim, str]]) -> list[None]:
         # Latest write wins when one request appears twice in a batch (one statement cannot
         # upsert a row twice).
-        latest = {request_id: (entry, ttl, claim) for request_id, entry, ttl, claim in batch}
+        latest = {request_id: (entry, ttl, claim) for request_id, entry, ttl, claim, _ in batch}
+        listings = {request_id: listing for request_id, _, _, _, listing in batch}
         self._db.execute(
             "cannot store status",
             _FENCED_UPSERT,
@@ -59,13 +80,22 @@ class PostgresStatusStore(StatusStore):
                 [ttl for _, ttl, _ in latest.values()],
                 [claim.ticket for _, _, claim in latest.values()],
                 [claim.lease.token for _, _, claim in latest.values()],
+                [listings[request_id] for request_id in latest],
             ),
         )
         return [None] * len(batch)
 
     @staticmethod
     def put_in(connection: Connection, request_id: str, entry: StatusEntry, ttl: float | None) -> None:
-        connection.execute(_UPSERT, (request_id, json.dumps(entry.to_dict()), ttl, ttl))
+        connection.execute(
+            _UPSERT,
+            {
+                "request_id": request_id,
+                "entry": json.dumps(entry.to_dict()),
+                "ttl": ttl,
+                "listing": listing_json(entry),
+            },
+        )
 
     def get(self, request_id: str) -> StatusEntry | None:
         return self._get(request_id)
@@ -95,8 +125,8 @@ class PostgresStatusStore(StatusStore):
                 return current
             # The expiry stays as it was.
             connection.execute(
-                "UPDATE llm_proxy_statuses SET entry = %s WHERE request_id = %s",
-                (json.dumps(changed.to_dict()), request_id),
+                _UPDATE,
+                (json.dumps(changed.to_dict()), listing_json(changed), request_id),
             )
             return changed
 

@@ -84,7 +84,7 @@ class EmbeddedBackend(Backend):
         except OSError as exc:
             raise StorageUnavailable(f"cannot write {data_dir / selfcheck.IDENTITY_FILE}: {exc}") from exc
         # In the queue's database, where each job's row is written with the job.
-        self.requests = SqliteRequestIndex(data_dir / "queue" / "data.db")
+        self.requests: SqliteRequestIndex = SqliteRequestIndex(data_dir / "queue" / "data.db")
         self.statuses: DiskcacheStatusStore = DiskcacheStatusStore(data_dir / "status", index=self.requests)
         self.outbox = SqliteOutbox(data_dir / "outbox")
         self._health = _health_connection(data_dir / "queue" / "data.db")

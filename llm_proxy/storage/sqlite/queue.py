@@ -44,6 +44,7 @@ from llm_proxy.storage.base import (
     Submitted,
 )
 from llm_proxy.storage.batching import GroupCommit
+from llm_proxy.storage.sqlite import requests
 from llm_proxy.storage.sqlite.transactions import (
     BUSY_WAIT,
     OPEN_TIMEOUT,
@@ -217,7 +218,9 @@ class PersistJobQueue(JobQueue):
             self._reader = sqlite3.connect(path, timeout=OPEN_TIMEOUT, isolation_level=None)
             try:
                 # One transaction: web and worker may both set this up at the same moment.
-                self._reader.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} {_RATE_SCHEMA} COMMIT;")
+                self._reader.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} {requests.SCHEMA} {_RATE_SCHEMA} COMMIT;"
+                )
             finally:
                 if self._reader.in_transaction:
                     self._reader.execute("ROLLBACK")
@@ -285,6 +288,8 @@ class PersistJobQueue(JobQueue):
                 waiting += 1
                 ticket = int(connection.execute(_INSERT_JOB, (data, now)).lastrowid or 0)
                 connection.execute(_INSERT_ID, (job.request_id, ticket))
+                # Listed from now on (the dashboard), at no extra commit.
+                requests.submitted(connection, job)
                 if key is not None:
                     connection.execute(_RECORD_KEY, (job.owner, key, job.request_id, digest, now))
                 results.append(_Inserted(ticket))

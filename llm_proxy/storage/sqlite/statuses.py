@@ -24,12 +24,16 @@ from gevent import monkey
 from llm_proxy.domain.status import StatusEntry
 from llm_proxy.storage.base import Claim, StatusStore, StorageUnavailable
 from llm_proxy.storage.batching import GroupCommit
+from llm_proxy.storage.sqlite.requests import SqliteRequestIndex
 from llm_proxy.storage.sqlite.transactions import BUSY_WAIT, OPEN_TIMEOUT, PATIENCE, retrying
 
 
 class DiskcacheStatusStore(StatusStore):
-    def __init__(self, directory: Path, *, patience: float = PATIENCE) -> None:
+    def __init__(
+        self, directory: Path, *, patience: float = PATIENCE, index: SqliteRequestIndex | None = None
+    ) -> None:
         self._patience = patience
+        self._index = index
         try:
             self._cache = diskcache.Cache(
                 str(directory),
@@ -59,6 +63,9 @@ class DiskcacheStatusStore(StatusStore):
         with self._cache.transact(retry=False):
             for request_id, stored, ttl in items:
                 self._cache.set(request_id, stored, expire=ttl, retry=False)
+        if self._index is not None:
+            # After the commit, never inside it (the index may wait on its own lock).
+            self._index.record((rid, StatusEntry.from_dict(stored), ttl) for rid, stored, ttl in items)
         return [None] * len(items)
 
     def get(self, request_id: str) -> StatusEntry | None:
@@ -81,7 +88,11 @@ class DiskcacheStatusStore(StatusStore):
                 self._cache.set(request_id, changed.to_dict(), expire=ttl, retry=False)
                 return changed
 
-        return retrying("cannot update status", read_change_write, self._patience)
+        updated = retrying("cannot update status", read_change_write, self._patience)
+        if self._index is not None and updated is not None:
+            ttl = None if updated.expires_at is None else updated.expires_at - time.time()
+            self._index.record([(request_id, updated, ttl)])
+        return updated
 
     def unfinished(self) -> list[str]:
         """The request ids whose entry is pending or processing.
@@ -102,6 +113,8 @@ class DiskcacheStatusStore(StatusStore):
         return found
 
     def purge_expired(self) -> int:
+        if self._index is not None:
+            self._index.purge_expired()
         return int(retrying("cannot purge statuses", self._cache.expire, self._patience))
 
     def close(self) -> None:
