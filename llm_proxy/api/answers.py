@@ -16,8 +16,9 @@ def without_location(headers: dict[str, str]) -> dict[str, str]:
 
 
 def final_answer(entry: StatusEntry, headers: dict[str, str]) -> HTTPResponse:
-    """The upstream's chat.completion unchanged, or an OpenAI-shaped error with the status the SDK
-    maps to the right exception, told not to retry (we did)."""
+    """The upstream's object (chat.completion, embedding list, response, ...) unchanged, or an
+    OpenAI-shaped error with the status the SDK maps to the right exception, told not to retry
+    (we did)."""
     kept = without_location(headers)
     if entry.status is Status.CANCELLED:
         return error_response(409, "The request was cancelled.", "request_cancelled", headers=kept)
@@ -27,22 +28,29 @@ def final_answer(entry: StatusEntry, headers: dict[str, str]) -> HTTPResponse:
         for name, value in kept.items():
             reply.set_header(name, value)
         return reply
-    error = entry.error or {}
+    return failed_answer(entry.error or {}, {**kept, "x-should-retry": "false"})
+
+
+def failed_answer(error: dict[str, Any], headers: dict[str, str]) -> HTTPResponse:
+    """An upstream failure as the upstream's status and error object (502 when no answer came,
+    504 when none came in time)."""
     upstream = error.get("upstream_status")
     if isinstance(upstream, int) and 400 <= upstream <= 599:
         status = upstream
     else:
         status = 504 if error.get("type") == "timeout" else 502
-    return json_response(status, {"error": error_object(entry)}, headers={**kept, "x-should-retry": "false"})
+    return json_response(status, {"error": _error_object(error)}, headers=headers)
 
 
-def still_running(request_id: str, waited: float, headers: dict[str, str]) -> HTTPResponse:
+def still_running(
+    request_id: str, waited: float, headers: dict[str, str], path: str = "/v1/chat/completions"
+) -> HTTPResponse:
     """A wait that ran out, for a client that cannot read a 202 (the OpenAI SDKs would make an
     empty completion of it): an error it raises. 504, as a gateway that got no answer in time;
     with ``x-should-retry: false``, since a retry would queue (and pay for) the request again."""
     message = (
         f"Request {request_id} did not finish within the {waited:g} s wait and goes on running; "
-        f"collect its result with GET /v1/chat/completions/{request_id} (add ?wait=N to long-poll)."
+        f"collect its result with GET {path}/{request_id} (add ?wait=N to long-poll)."
     )
     return error_response(
         504,
@@ -57,7 +65,10 @@ def still_running(request_id: str, waited: float, headers: dict[str, str]) -> HT
 
 def error_object(entry: StatusEntry | None) -> dict[str, Any]:
     """The OpenAI-shaped error of a failed request: the upstream's own when it sent one."""
-    error = (entry.error if entry else None) or {}
+    return _error_object((entry.error if entry else None) or {})
+
+
+def _error_object(error: dict[str, Any]) -> dict[str, Any]:
     upstream = error.get("upstream_error")
     if isinstance(upstream, dict):
         return upstream

@@ -3,6 +3,7 @@ turns its result into an answer. ``create_app`` builds the WSGI app from its col
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from llm_proxy.api.answers import final_answer, still_running
+from llm_proxy.api.answers import failed_answer, final_answer, still_running
 from llm_proxy.api.auth import KeyAuth, KeyChecker
 from llm_proxy.api.http import (
     BadLength,
@@ -29,13 +30,15 @@ from llm_proxy.api.http import (
 )
 from llm_proxy.api.service import Accepted, Ended, Found, RequestService
 from llm_proxy.api.streams import WatchedSink, replayed_stream, stream_answer
-from llm_proxy.api.validation import BodyError, parse_chat_completion
+from llm_proxy.api.validation import BodyError, parse_body
+from llm_proxy.domain.endpoints import Endpoint, endpoint_of
 from llm_proxy.domain.job import Job, new_request_id, now_ms
 from llm_proxy.domain.status import Status
 from llm_proxy.domain.views import status_json
 from llm_proxy.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_proxy.services.health import HEALTHY, Health
 from llm_proxy.storage.base import IdempotencyConflict, QueueFull, StorageUnavailable, WebSignals
+from llm_proxy.upstream.outcome import Outcome
 from llm_proxy.webhooks.safety import check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
@@ -119,6 +122,12 @@ def wait_seconds(raw: str | None, cap: float) -> float | None:
     return min(seconds, cap) if 0 <= seconds < float("inf") else None
 
 
+def belongs(request_id: str, endpoint: Endpoint) -> bool:
+    """A well-formed id issued for this endpoint: an id read under another endpoint is unknown
+    there (a 404, as for any id that is not found)."""
+    return bool(REQUEST_ID.match(request_id)) and endpoint_of(request_id) is endpoint
+
+
 def not_found() -> HTTPResponse:
     return error_response(404, "Request not found", "request_not_found")
 
@@ -151,7 +160,10 @@ def create_app(
     render_metrics: Callable[[], bytes],
     signals: WebSignals | None = None,
     health: Callable[[], Health] = lambda: HEALTHY,
+    models: Callable[[], Outcome] | None = None,
 ) -> WSGIApp:
+    """``models`` lists the upstream's models (``ModelList.get``); without it ``GET /v1/models``
+    answers 502, as for an upstream that cannot be reached."""
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
     # (with catchall, Bottle would also write the traceback to wsgi.errors).
     api = Bottle()
@@ -180,10 +192,20 @@ def create_app(
         reply.content_type = "application/json"
         return reply
 
-    @api.post("/v1/chat/completions")
-    def submit(owner: str) -> HTTPResponse:
+    @api.get("/v1/models")
+    def list_models(owner: str) -> HTTPResponse:
+        found = models() if models is not None else None
+        if found is None:
+            return failed_answer({"message": "no upstream to list models from", "type": "upstream_error"}, {})
+        if not found.ok:
+            return failed_answer(found.error, {})
+        reply = HTTPResponse(body=found.response_json, status=200)
+        reply.content_type = "application/json"
+        return reply
+
+    def submit(endpoint: Endpoint, owner: str) -> HTTPResponse:
         try:
-            body = parse_chat_completion(read_body(request.environ, settings.max_body_bytes))
+            body = parse_body(endpoint, read_body(request.environ, settings.max_body_bytes))
         except BodyTooLarge:
             return error_response(
                 413, f"The request body exceeds {settings.max_body_bytes} bytes.", "request_too_large"
@@ -217,15 +239,17 @@ def create_app(
         wait = submit_wait(prefer, settings.sync_wait_max, sdk=sdk)
         # A client that cannot read a 202 gets an error it raises when the wait runs out.
         no_202 = sdk and not asks_async(prefer)
-        streamed = bool(body.get("stream")) and wait > 0 and signals is not None
-        job = Job(request_id=new_request_id(), body=body, owner=owner, submitted_at=now_ms(), relay=streamed)
+        streamed = endpoint.streams and bool(body.get("stream")) and wait > 0 and signals is not None
+        job = Job(
+            request_id=new_request_id(endpoint), body=body, owner=owner, submitted_at=now_ms(), relay=streamed
+        )
         # Opened before the job is queued, so neither a relayed event nor the final state can
         # arrive before it.
         sink = WatchedSink(service, signals, job.request_id) if streamed and signals is not None else None
         streaming = False
         try:
             accepted = service.submit(job, key)
-            reply = answer_submit(accepted, wait, sink, no_202=no_202)
+            reply = answer_submit(endpoint, accepted, wait, sink, no_202=no_202)
             streaming = sink is not None and not accepted.replayed
             return reply
         except QueueFull as exc:
@@ -249,9 +273,11 @@ def create_app(
             if sink is not None and not streaming:
                 sink.close()
 
-    def answer_submit(accepted: Accepted, wait: float, sink: Any, *, no_202: bool) -> HTTPResponse:
+    def answer_submit(
+        endpoint: Endpoint, accepted: Accepted, wait: float, sink: Any, *, no_202: bool
+    ) -> HTTPResponse:
         request_id = accepted.request_id
-        headers = {"Location": f"/v1/chat/completions/{request_id}", "X-Request-Id": request_id}
+        headers = {"Location": f"{endpoint.path}/{request_id}", "X-Request-Id": request_id}
         if accepted.replayed:
             headers["Idempotent-Replayed"] = "true"
         if sink is not None and not accepted.replayed:
@@ -263,14 +289,15 @@ def create_app(
                 hold=min(settings.stream_hold, wait),
                 keepalive=settings.stream_keepalive,
                 wait_max=settings.sync_wait_max,
+                endpoint=endpoint,
             )
         found = service.await_final(request_id, wait) if wait else None
         if found is not None and found.entry.status.final:
             if sink is not None and found.entry.status is Status.COMPLETED:
-                return replayed_stream(found.entry, headers)
+                return replayed_stream(found.entry, headers, endpoint)
             return final_answer(found.entry, headers)
         if wait and no_202:
-            return still_running(request_id, wait, headers)
+            return still_running(request_id, wait, headers, endpoint.path)
         place = service.place(accepted, found)
         if wait:
             headers["Retry-After"] = RETRY_AFTER_POLL
@@ -285,14 +312,13 @@ def create_app(
             headers=headers,
         )
 
-    @api.get("/v1/chat/completions/<request_id:path>")
-    def status(request_id: str, owner: str) -> HTTPResponse:
+    def status(endpoint: Endpoint, request_id: str, owner: str) -> HTTPResponse:
         wait = wait_seconds(request.query.get("wait"), settings.sync_wait_max)
         if wait is None:
             return error_response(
                 400, "wait must be a number of seconds >= 0", "invalid_request_error", param="wait"
             )
-        if not REQUEST_ID.match(request_id):
+        if not belongs(request_id, endpoint):
             return not_found()
         try:
             found = service.status(owner, request_id, wait)
@@ -305,9 +331,8 @@ def create_app(
             reply.set_header("Retry-After", RETRY_AFTER_POLL)
         return reply
 
-    @api.delete("/v1/chat/completions/<request_id:path>")
-    def cancel(request_id: str, owner: str) -> HTTPResponse:
-        if not REQUEST_ID.match(request_id):
+    def cancel(endpoint: Endpoint, request_id: str, owner: str) -> HTTPResponse:
+        if not belongs(request_id, endpoint):
             return not_found()
         try:
             result = service.cancel(owner, request_id)
@@ -323,6 +348,12 @@ def create_app(
         if not result.entry.status.final:
             reply.status = 202
         return reply
+
+    # Every endpoint the same way: submit, status and cancel, under its own path.
+    for endpoint in Endpoint:
+        api.route(endpoint.path, "POST", functools.partial(submit, endpoint))
+        api.route(f"{endpoint.path}/<request_id:path>", "GET", functools.partial(status, endpoint))
+        api.route(f"{endpoint.path}/<request_id:path>", "DELETE", functools.partial(cancel, endpoint))
 
     def error_page(error: HTTPError) -> str:
         if error.status_code == 404:

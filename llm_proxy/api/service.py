@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_proxy.api.waiters import Waiters
+from llm_proxy.domain.endpoints import endpoint_of
 from llm_proxy.domain.job import Job, now_ms
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.services.finalize import Finalizer
 from llm_proxy.storage.base import (
     CancelResult,
+    IdempotencyConflict,
     JobQueue,
     Queued,
     StatusStore,
@@ -86,11 +88,16 @@ class RequestService:
 
     def submit(self, job: Job, key: str | None) -> Accepted:
         """Queue the job (or find the request an Idempotency-Key already stands for). Raises
-        QueueFull, IdempotencyConflict and StorageUnavailable."""
+        QueueFull, IdempotencyConflict (also for a key used on another endpoint) and
+        StorageUnavailable."""
         # The queue counts its waiting jobs in the transaction that stores this one: exact under
         # any number of concurrent submits.
         if key:
             submitted = self._queue.put_once(job, key, max_waiting=self._max_queue)
+            if submitted.replayed and endpoint_of(submitted.request_id) is not job.endpoint:
+                # The same body sent to another endpoint is another request (embeddings and the
+                # Responses API both take {"model", "input"}): the key stands for the first one.
+                raise IdempotencyConflict(submitted.request_id)
             accepted = Accepted(submitted.request_id, submitted.replayed)
         else:
             self._queue.put(job, max_waiting=self._max_queue)

@@ -11,14 +11,17 @@ from bottle import HTTPResponse
 
 from llm_proxy.api.answers import error_object, event_stream, final_answer
 from llm_proxy.api.service import RequestService
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.storage.base import RelaySink, WebSignals
-from llm_proxy.upstream.sse import completion_as_events
+from llm_proxy.upstream.sse import as_events
 
 
-def replayed_stream(entry: StatusEntry, headers: dict[str, str]) -> HTTPResponse:
-    """A stored completion as an event stream (its live events are gone, its result is not)."""
-    return event_stream(headers, [completion_as_events(json.loads(entry.response_json or "{}"))])
+def replayed_stream(
+    entry: StatusEntry, headers: dict[str, str], endpoint: Endpoint = Endpoint.CHAT
+) -> HTTPResponse:
+    """A stored result as an event stream (its live events are gone, its result is not)."""
+    return event_stream(headers, [as_events(endpoint, json.loads(entry.response_json or "{}"))])
 
 
 RELAY_SETTLE = 1.0
@@ -85,6 +88,7 @@ def stream_answer(
     hold: float,
     keepalive: float,
     wait_max: float,
+    endpoint: Endpoint = Endpoint.CHAT,
 ) -> HTTPResponse:
     """The answer of a streamed wait-mode submit; the returned stream closes ``sink`` when it
     ends, and so does this function when it answers otherwise."""
@@ -100,8 +104,10 @@ def stream_answer(
         sink.close()
         if first.status is not Status.COMPLETED:
             return final_answer(first, headers)
-        return replayed_stream(first, headers)
+        return replayed_stream(first, headers, endpoint)
     head: bytes = first
+    # The Responses API's stream ends with its response.completed event, the others with [DONE].
+    done = b"" if endpoint is Endpoint.RESPONSES else b"data: [DONE]\n\n"
 
     def events() -> Iterator[bytes]:
         relayed = bool(head)
@@ -128,11 +134,10 @@ def stream_answer(
                     yield b": keep-alive\n\n"
             found = service.await_final(request_id, wait_max)
             if found is not None and found.entry.status is Status.COMPLETED:
-                yield (
-                    b"data: [DONE]\n\n"
-                    if relayed
-                    else completion_as_events(json.loads(found.entry.response_json or "{}"))
-                )
+                if not relayed:
+                    yield as_events(endpoint, json.loads(found.entry.response_json or "{}"))
+                elif done:
+                    yield done
             else:
                 error = error_object(found.entry if found else None)
                 yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

@@ -1,4 +1,5 @@
-"""Parsing and validating a chat-completion body.
+"""Parsing and validating a request body, per endpoint (chat completions, embeddings, the
+Responses API, legacy completions).
 
 Only what the seed lists is checked, with OpenAI's ranges; every other field passes through
 untouched, so a request OpenAI accepts is never refused here. ``null`` is accepted wherever
@@ -22,6 +23,8 @@ from voluptuous import (
     Required,
     Schema,
 )
+
+from llm_proxy.domain.endpoints import Endpoint
 
 ROLES = ("system", "user", "assistant", "function", "tool", "developer")
 
@@ -233,8 +236,118 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def validate_chat_completion(body: dict[str, Any]) -> dict[str, Any]:
     """Check the body; raise BodyError with one detail per problem. Returns the body unchanged."""
+    return validate(Endpoint.CHAT, body)
+
+
+def parse_chat_completion(raw: bytes) -> dict[str, Any]:
+    return validate_chat_completion(parse_json_object(raw))
+
+
+def _token_array(value: Any) -> bool:
+    # 2.0 is an integer in JSON too (as in ``_integer``).
+    return isinstance(value, list) and all(
+        (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+        for v in value
+    )
+
+
+def _texts_or_tokens(value: Any) -> Any:
+    """A string, a list of strings, a token array, or a list of token arrays; never empty, as
+    OpenAI requires for embeddings and completions alike."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value) or _token_array(value):
+            return value
+        if all(_token_array(v) and v for v in value):
+            return value
+    raise Invalid("expected a string, a list of strings, a token array or a list of token arrays")
+
+
+def _response_input(value: Any) -> Any:
+    """The Responses API's ``input``: a string, or a list of input items (messages, function call
+    outputs, ...: objects), strings or token arrays."""
+    if isinstance(value, str) and value:
+        return value
+    items = isinstance(value, list) and value
+    if items and all(isinstance(v, (str, dict)) or _token_array(v) for v in value):
+        return value
+    raise Invalid("expected a non-empty string or a non-empty list of strings, token arrays or input items")
+
+
+def _not_background(value: Any) -> Any:
+    # An upstream background response answers at once with status "queued" and is then polled
+    # upstream: the proxy would store an unfinished response as the result and free the slot
+    # while the upstream still works. Queueing is what the proxy does for every request anyway.
+    if value is True:
+        raise Invalid(
+            "background mode is not passed upstream: the proxy queues every request already "
+            "(leave background out, and collect the result with GET /v1/responses/<request_id>, "
+            "?wait=N, or a webhookUrl)"
+        )
+    if value is not None and not isinstance(value, bool):
+        raise Invalid("expected a boolean")
+    return value
+
+
+EMBEDDING = Schema(
+    {
+        Required("model"): _non_empty_string,
+        Required("input"): _texts_or_tokens,
+        "dimensions": _optional(_integer, Range(min=1)),
+        "encoding_format": _optional(_string),
+        "webhookUrl": _optional(webhook_url),
+    },
+    extra=ALLOW_EXTRA,
+)
+
+RESPONSE = Schema(
+    {
+        Required("model"): _non_empty_string,
+        Required("input"): _response_input,
+        "stream": _optional(_boolean),
+        "background": _not_background,
+        "store": _optional(_boolean),
+        "temperature": _optional(_number, Range(min=0, max=2)),
+        "top_p": _optional(_number, Range(min=0, max=1)),
+        "max_output_tokens": _optional(_integer, Range(min=1)),
+        "instructions": _optional(_string),
+        "tools": _optional(_list_of_objects),
+        "webhookUrl": _optional(webhook_url),
+    },
+    extra=ALLOW_EXTRA,
+)
+
+TEXT_COMPLETION = Schema(
+    {
+        Required("model"): _non_empty_string,
+        Required("prompt"): _texts_or_tokens,
+        "stream": _optional(_boolean),
+        "temperature": _optional(_number, Range(min=0, max=2)),
+        "top_p": _optional(_number, Range(min=0, max=1)),
+        "max_tokens": _optional(_integer, Range(min=0)),
+        "n": _optional(_integer, Range(min=1)),
+        "stop": _stop,
+        "presence_penalty": _optional(_number, Range(min=-2, max=2)),
+        "frequency_penalty": _optional(_number, Range(min=-2, max=2)),
+        "webhookUrl": _optional(webhook_url),
+    },
+    extra=ALLOW_EXTRA,
+)
+
+SCHEMAS = {
+    Endpoint.CHAT: CHAT_COMPLETION,
+    Endpoint.EMBEDDINGS: EMBEDDING,
+    Endpoint.RESPONSES: RESPONSE,
+    Endpoint.COMPLETIONS: TEXT_COMPLETION,
+}
+
+
+def validate(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    """Check the body against its endpoint's schema; raise BodyError with one detail per problem.
+    Returns the body unchanged."""
     try:
-        CHAT_COMPLETION(body)
+        SCHEMAS[endpoint](body)
     except MultipleInvalid as exc:
         details = [
             {"path": ".".join(str(p) for p in error.path), "message": error.error_message or error.msg}
@@ -246,5 +359,5 @@ def validate_chat_completion(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def parse_chat_completion(raw: bytes) -> dict[str, Any]:
-    return validate_chat_completion(parse_json_object(raw))
+def parse_body(endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
+    return validate(endpoint, parse_json_object(raw))

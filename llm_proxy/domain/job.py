@@ -10,13 +10,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from llm_proxy.domain.endpoints import Endpoint, endpoint_of
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def new_request_id() -> str:
-    return "chatreq_" + secrets.token_urlsafe(18)  # 144 random bits
+def new_request_id(endpoint: Endpoint = Endpoint.CHAT) -> str:
+    return endpoint.prefix + secrets.token_urlsafe(18)  # 144 random bits
 
 
 def body_digest(body: dict[str, Any]) -> str:
@@ -43,6 +45,12 @@ class Job:
     def body_json(self) -> str:
         """The body as JSON text, encoded once however many statuses are written for it."""
         return json.dumps(self.body)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where the job goes upstream, read from its id: jobs stored before there were other
+        endpoints than chat read as chat, and no back end stores anything new."""
+        return endpoint_of(self.request_id)
 
     @property
     def webhook_url(self) -> str | None:

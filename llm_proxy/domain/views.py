@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from llm_proxy.domain.endpoints import endpoint_of
 from llm_proxy.domain.job import now_ms
 from llm_proxy.domain.status import Status, StatusEntry
 
@@ -33,8 +34,12 @@ def status_json(request_id: str, entry: StatusEntry, queue_position: int | None 
 
 
 def webhook_json(request_id: str, entry: StatusEntry) -> str:
-    """The seed's webhook payloads."""
-    head = f'{{"request_id": {json.dumps(request_id)}, "status": "{entry.status.value}"'
+    """The seed's webhook payloads, plus the endpoint the request was sent to, so that one
+    receiver can tell an embedding from a chat completion."""
+    head = (
+        f'{{"request_id": {json.dumps(request_id)}, "status": "{entry.status.value}", '
+        f'"endpoint": "{endpoint_of(request_id).value}"'
+    )
     if entry.status is Status.COMPLETED:
         return head + f', "response": {entry.response_json}}}'
     if entry.status is Status.CANCELLED:

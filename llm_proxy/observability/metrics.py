@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.status import Status
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -47,14 +48,17 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.requests = Counter(
-            "llm_proxy_requests_total", "Requests that reached a final state.", ["status"]
+            "llm_proxy_requests_total", "Requests that reached a final state.", ["status", "endpoint"]
         )
         self.upstream_attempts = Counter(
-            "llm_proxy_upstream_attempts_total", "Upstream calls made, by outcome.", ["outcome"]
+            "llm_proxy_upstream_attempts_total",
+            "Upstream calls made, by outcome.",
+            ["outcome", "endpoint"],
         )
         self.upstream_seconds = Histogram(
             "llm_proxy_upstream_seconds",
             "Duration of one upstream call.",
+            ["endpoint"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
         self.webhook_deliveries = Counter(
@@ -79,20 +83,22 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         # Known label values start at 0, so a scraper sees every series before its first event.
+        # Chat's series only: the other endpoints' appear with their first request.
+        chat = Endpoint.CHAT.value
         for status in Status:
             if status.final:
-                self.requests.labels(status=status.value)
+                self.requests.labels(status=status.value, endpoint=chat)
         for outcome in ("success", "upstream_error", "rate_limited", "timeout", "network_error"):
-            self.upstream_attempts.labels(outcome=outcome)
+            self.upstream_attempts.labels(outcome=outcome, endpoint=chat)
         for state in ("delivered", "failed"):
             self.webhook_deliveries.labels(state=state)
 
-    def finished(self, status: str) -> None:
-        self.requests.labels(status=status).inc()
+    def finished(self, status: str, endpoint: str = Endpoint.CHAT.value) -> None:
+        self.requests.labels(status=status, endpoint=endpoint).inc()
 
-    def attempted(self, outcome: str, seconds: float) -> None:
-        self.upstream_attempts.labels(outcome=outcome).inc()
-        self.upstream_seconds.observe(seconds)
+    def attempted(self, outcome: str, seconds: float, endpoint: str = Endpoint.CHAT.value) -> None:
+        self.upstream_attempts.labels(outcome=outcome, endpoint=endpoint).inc()
+        self.upstream_seconds.labels(endpoint=endpoint).observe(seconds)
 
     def throttled(self, model: str, seconds: float) -> None:
         self.throttled_seconds.labels(model=model).inc(seconds)

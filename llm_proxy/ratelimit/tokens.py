@@ -45,7 +45,8 @@ def _content_tokens(content: Any) -> int:
 
 def completion_allowance(body: dict[str, Any]) -> int:
     """The most completion tokens the call may produce, when the request says (else 0)."""
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    # max_output_tokens: the Responses API's name for it.
+    limit = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         return 0
     choices = body.get("n", 1)
@@ -69,7 +70,27 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     for field in ("tools", "functions", "response_format"):
         if field in body:
             total += _content_tokens(json.dumps(body[field]))
+    # Embeddings and the Responses API send ``input``, completions ``prompt``: that text is the
+    # prompt (an embedding costs its input alone).
+    for field in ("input", "prompt", "instructions"):
+        if field in body:
+            total += _input_tokens(body[field])
     return max(1, total + completion_allowance(body))
+
+
+def _input_tokens(value: Any) -> int:
+    """A string, a token array (a token each), or a list of strings, token arrays or input items."""
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return len(value)
+        total = 0
+        for item in value:
+            if isinstance(item, dict):
+                total += PER_MESSAGE + _content_tokens(item.get("content", item))
+            else:
+                total += _input_tokens(item)
+        return total
+    return _content_tokens(value)
 
 
 def used_tokens(response_json: str | None) -> int | None:

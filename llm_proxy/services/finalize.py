@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from llm_proxy.domain.endpoints import endpoint_of
 from llm_proxy.domain.status import StatusEntry, WebhookProgress, WebhookState
 from llm_proxy.domain.views import webhook_json
 from llm_proxy.observability.metrics import Metrics
@@ -68,7 +69,7 @@ class Finalizer:
             return None
         self._announce(request_id)
         if self._metrics is not None:
-            self._metrics.finished(final.status.value)
+            self._metrics.finished(final.status.value, endpoint_of(request_id).value)
         if delivery is not None:
             self._on_owed()
         log.info("request %s: %s", request_id, final.status.value)

@@ -12,6 +12,7 @@ import certifi
 import gevent
 import urllib3
 
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.upstream.outcome import (
     Outcome,
     classify_response,
@@ -23,7 +24,7 @@ from llm_proxy.upstream.outcome import (
     timeout_outcome,
     too_large_outcome,
 )
-from llm_proxy.upstream.sse import CompletionAssembler, data_payloads
+from llm_proxy.upstream.sse import assembler_for, sse_events
 
 log = logging.getLogger("llm_proxy.upstream")
 
@@ -42,7 +43,8 @@ class _Overtime(Exception):
 
 
 class UpstreamClient:
-    """Posts chat completions to ``{base_url}/chat/completions`` over one keep-alive pool.
+    """Posts requests to ``{base_url}/{endpoint}`` (``chat/completions``, ``embeddings``, ...) over
+    one keep-alive pool.
 
     It drives urllib3 (the engine under requests) directly: py-spy showed requests' own per-call
     bookkeeping (prepare_request, merge_setting, hooks) taking about a third of the worker's CPU
@@ -58,8 +60,10 @@ class UpstreamClient:
         pool_size: int,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
-        parts = urllib3.util.parse_url(base_url.rstrip("/") + "/chat/completions")
-        self._path = parts.request_uri
+        parts = urllib3.util.parse_url(base_url.rstrip("/") + "/" + Endpoint.CHAT.value)
+        base = base_url.rstrip("/") + "/"
+        self._paths = {e: urllib3.util.parse_url(base + e.value).request_uri for e in Endpoint}
+        self._models_path = urllib3.util.parse_url(base + "models").request_uri
         self._timeout = timeout
         self._max_bytes = max_response_bytes
         self._pool = urllib3.connection_from_url(
@@ -74,11 +78,11 @@ class UpstreamClient:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
-    def complete(self, body: dict[str, Any]) -> Outcome:
+    def complete(self, body: dict[str, Any], endpoint: Endpoint = Endpoint.CHAT) -> Outcome:
         data = json.dumps(forwarded_body(body)).encode("utf-8")
 
         def attempt(ends: float) -> Outcome:
-            reply = self._post(data)
+            reply = self._post(data, self._paths[endpoint])
             try:
                 return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
             finally:
@@ -86,24 +90,28 @@ class UpstreamClient:
 
         return self._guarded(attempt)
 
-    def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome:
+    def stream(
+        self, body: dict[str, Any], on_event: Callable[[bytes], None], endpoint: Endpoint = Endpoint.CHAT
+    ) -> Outcome:
         """A streamed call: each event goes to ``on_event`` as it arrives, and the outcome holds
-        the assembled completion. A failure before the first event is retryable as usual."""
+        the assembled result (for the Responses API, the ``response`` of its final event). A
+        failure before the first event is retryable as usual."""
         data = json.dumps(forwarded_body(body, stream=True)).encode("utf-8")
         relayed = False
 
         def attempt(ends: float) -> Outcome:
             nonlocal relayed
-            reply = self._post(data)
+            reply = self._post(data, self._paths[endpoint])
             try:
                 if not 200 <= reply.status < 300 or "event-stream" not in (
                     reply.headers.get("content-type") or ""
                 ):
                     return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
-                assembler = CompletionAssembler()
+                assembler = assembler_for(endpoint)
                 sent = 0
                 answered = {"status": reply.status, "rate_headers": rate_headers(reply.headers)}
-                for payload in data_payloads(self._body(reply, ends)):
+                for received in sse_events(self._body(reply, ends)):
+                    payload = received.data
                     if payload == b"[DONE]":
                         return Outcome(
                             response_json=json.dumps(assembler.completion()), relayed=relayed, **answered
@@ -111,19 +119,28 @@ class UpstreamClient:
                     _, chunk = parse_json(payload)
                     if not isinstance(chunk, dict):
                         continue
-                    if isinstance(chunk.get("error"), dict):
-                        outcome = classify_response(500, payload, {})
+                    failure = assembler.failure(chunk)
+                    if failure is not None:
+                        outcome = classify_response(500, json.dumps({"error": failure}).encode(), {})
                         return Outcome(
                             error=outcome.error, retryable=not relayed, relayed=relayed, **answered
                         )
-                    event = b"data: " + payload + b"\n\n"
+                    event = received.raw
                     sent += len(event)
                     if sent > self._max_bytes:
                         raise _TooLarge
                     assembler.add(chunk)
                     on_event(event)
                     relayed = True
-                error = {"message": "the upstream's stream ended before [DONE]", "type": "upstream_error"}
+                    if assembler.done:
+                        # The Responses API's last event: it sends no [DONE].
+                        return Outcome(
+                            response_json=json.dumps(assembler.completion()), relayed=relayed, **answered
+                        )
+                error = {
+                    "message": "the upstream's stream ended before its final event",
+                    "type": "upstream_error",
+                }
                 return Outcome(error=error, retryable=not relayed, relayed=relayed, **answered)
             finally:
                 _discard(reply)
@@ -150,10 +167,29 @@ class UpstreamClient:
             if time.monotonic() >= ends:
                 raise _Overtime
 
-    def _post(self, data: bytes) -> Any:
+    def models(self) -> Outcome:
+        """``GET {base_url}/models``, once, under the same deadline as a call."""
+
+        def attempt(ends: float) -> Outcome:
+            reply = self._pool.urlopen(
+                "GET",
+                self._models_path,
+                headers=self._headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+            )
+            try:
+                return classify_response(reply.status, b"".join(self._body(reply, ends)), reply.headers)
+            finally:
+                _discard(reply)
+
+        return self._guarded(attempt)
+
+    def _post(self, data: bytes, path: str) -> Any:
         return self._pool.urlopen(
             "POST",
-            self._path,
+            path,
             body=data,
             headers=self._headers,
             redirect=False,

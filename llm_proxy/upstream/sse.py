@@ -1,5 +1,6 @@
-"""Server-sent events of a streamed chat completion: split into lines, assembled into the
-``chat.completion`` stored as the request's result, and replayed from a stored one.
+"""Server-sent events of a streamed answer: split into events, assembled into the object stored
+as the request's result (a ``chat.completion``, a ``text_completion``, a Responses API
+``response``), and replayed from a stored one.
 
 Pure functions and classes: the I/O is in ``client``.
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llm_proxy.domain.endpoints import Endpoint
 
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 
@@ -31,6 +35,83 @@ def data_payloads(pieces: Iterable[bytes]) -> Iterator[bytes]:
         del buffer[:begin]
 
 
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: its ``event:`` name, if any, and its data lines joined."""
+
+    name: bytes | None
+    data: bytes
+
+    @property
+    def raw(self) -> bytes:
+        """The event as relayed: its name and data as sent (``id:``, ``retry:`` and comments are
+        the upstream connection's own business and stay behind)."""
+        head = b"event: " + self.name + b"\n" if self.name else b""
+        return head + b"".join(b"data: " + line + b"\n" for line in self.data.split(b"\n")) + b"\n"
+
+
+def sse_events(pieces: Iterable[bytes]) -> Iterator[Event]:
+    """The events of a stream in pieces of any size, each once its blank line (or the stream's
+    end) arrives; events without data (comments, keep-alives) are skipped. Lines are found by
+    scanning, as in ``data_payloads``, so a long line costs linear time."""
+    buffer = bytearray()
+    name: bytes | None = None
+    data: list[bytes] = []
+    for piece in pieces:
+        searched = len(buffer)
+        buffer += piece
+        begin = 0
+        newline = buffer.find(b"\n", searched)
+        while newline != -1:
+            line = bytes(buffer[begin:newline]).rstrip(b"\r")
+            begin = newline + 1
+            newline = buffer.find(b"\n", begin)
+            if not line:
+                if data:
+                    yield Event(name, b"\n".join(data))
+                name, data = None, []
+            elif line.startswith(b"data:"):
+                data.append(line[5:].strip())
+            elif line.startswith(b"event:"):
+                name = line[6:].strip() or None
+        del buffer[:begin]
+    tail = bytes(buffer).rstrip(b"\r")
+    if tail.startswith(b"data:"):
+        data.append(tail[5:].strip())
+    if data:
+        yield Event(name, b"\n".join(data))
+
+
+class Assembler(Protocol):
+    """Folds a stream's events into the object the same call would have answered unstreamed."""
+
+    @property
+    def done(self) -> bool:
+        """The stream's final event came (streams that end with ``[DONE]`` never say so here)."""
+        ...
+
+    def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The error object of an event that reports the call failed; None for any other."""
+        ...
+
+    def add(self, chunk: dict[str, Any]) -> None: ...
+
+    def completion(self) -> dict[str, Any]: ...
+
+
+def assembler_for(endpoint: Endpoint) -> Assembler:
+    if endpoint is Endpoint.RESPONSES:
+        return ResponseAssembler()
+    if endpoint is Endpoint.COMPLETIONS:
+        return TextCompletionAssembler()
+    return CompletionAssembler()
+
+
+def _error_of(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    error = chunk.get("error")
+    return error if isinstance(error, dict) else None
+
+
 class CompletionAssembler:
     """Folds ``chat.completion.chunk`` objects into one ``chat.completion``.
 
@@ -43,6 +124,11 @@ class CompletionAssembler:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
+
+    done = False
+
+    def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        return _error_of(chunk)
 
     def add(self, chunk: dict[str, Any]) -> None:
         for name in _HEAD_FIELDS:
@@ -143,3 +229,125 @@ def completion_as_events(completion: dict[str, Any]) -> bytes:
             {**head, "object": "chat.completion.chunk", "choices": [], "usage": completion["usage"]}
         )
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+class TextCompletionAssembler:
+    """Folds legacy ``text_completion`` chunks (``POST /v1/completions`` streamed) into one
+    ``text_completion``; text kept in pieces and joined once, as in ``CompletionAssembler``."""
+
+    done = False
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._usage: Any = None
+
+    def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        return _error_of(chunk)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for name in _HEAD_FIELDS:
+            if name in chunk and name not in self._head:
+                self._head[name] = chunk[name]
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for part in chunk.get("choices") or []:
+            index = int(part.get("index", 0))
+            choice = self._choices.setdefault(
+                index, {"index": index, "text": [], "logprobs": None, "finish_reason": None}
+            )
+            if isinstance(part.get("text"), str):
+                choice["text"].append(part["text"])
+            logprobs = part.get("logprobs")
+            if isinstance(logprobs, dict):
+                # Each chunk's logprobs cover its own tokens: the whole answer's are their lists joined.
+                merged = choice["logprobs"] = choice["logprobs"] or {}
+                for name, value in logprobs.items():
+                    if isinstance(value, list):
+                        merged.setdefault(name, []).extend(value)
+                    else:
+                        merged[name] = value
+            if part.get("finish_reason"):
+                choice["finish_reason"] = part["finish_reason"]
+
+    def completion(self) -> dict[str, Any]:
+        result: dict[str, Any] = {**self._head, "object": "text_completion"}
+        result["choices"] = [
+            {**self._choices[i], "text": "".join(self._choices[i]["text"])} for i in sorted(self._choices)
+        ]
+        if self._usage is not None:
+            result["usage"] = self._usage
+        return result
+
+
+_RESPONSE_ENDS = ("response.completed", "response.incomplete")
+
+
+class ResponseAssembler:
+    """The Responses API streams typed events whose last one (``response.completed``, or
+    ``response.incomplete`` when a limit cut the answer short) carries the whole ``response``
+    object: that object is the result, nothing is pieced together."""
+
+    def __init__(self) -> None:
+        self._response: dict[str, Any] = {}
+        self.done = False
+
+    def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        kind = chunk.get("type")
+        if kind == "error":
+            return {
+                "message": chunk.get("message") or "the upstream's stream reported an error",
+                "type": "server_error",
+                "code": chunk.get("code"),
+                "param": chunk.get("param"),
+            }
+        if kind == "response.failed":
+            response = chunk.get("response")
+            error = response.get("error") if isinstance(response, dict) else None
+            if isinstance(error, dict):
+                return {"message": error.get("message") or "the response failed", **error}
+            return {"message": "the response failed", "type": "server_error"}
+        return _error_of(chunk)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        response = chunk.get("response")
+        if isinstance(response, dict):
+            # Every lifecycle event (created, in_progress, ...) holds the response so far.
+            self._response = response
+        if chunk.get("type") in _RESPONSE_ENDS:
+            self.done = True
+
+    def completion(self) -> dict[str, Any]:
+        return self._response
+
+
+def as_events(endpoint: Endpoint, stored: dict[str, Any]) -> bytes:
+    """A stored result as the short event stream its endpoint would have sent."""
+    if endpoint is Endpoint.RESPONSES:
+        return response_as_events(stored)
+    if endpoint is Endpoint.COMPLETIONS:
+        return text_completion_as_events(stored)
+    return completion_as_events(stored)
+
+
+def text_completion_as_events(completion: dict[str, Any]) -> bytes:
+    head = {k: completion[k] for k in _HEAD_FIELDS if k in completion}
+    events = [
+        {**head, "object": "text_completion", "choices": [choice]}
+        for choice in completion.get("choices") or []
+    ]
+    if completion.get("usage"):
+        events.append({**head, "object": "text_completion", "choices": [], "usage": completion["usage"]})
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def response_as_events(response: dict[str, Any]) -> bytes:
+    """``response.created`` (the response before its output) then ``response.completed`` with it
+    whole, as typed events; the Responses API sends no ``[DONE]``."""
+    started = {**response, "status": "in_progress", "output": []}
+    last = "response.incomplete" if response.get("status") == "incomplete" else "response.completed"
+    events = [
+        ("response.created", {"type": "response.created", "response": started, "sequence_number": 0}),
+        (last, {"type": last, "response": response, "sequence_number": 1}),
+    ]
+    return b"".join(Event(name.encode(), json.dumps(payload).encode()).raw for name, payload in events)

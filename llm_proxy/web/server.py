@@ -26,6 +26,7 @@ from config import Config
 from llm_proxy.api.app import ApiSettings, create_app
 from llm_proxy.api.auth import KeyChecker, generated_key
 from llm_proxy.api.http import SECURITY_HEADERS, WSGIApp, error_payload
+from llm_proxy.api.models import ModelList
 from llm_proxy.api.service import RequestService
 from llm_proxy.api.waiters import Waiters
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
@@ -41,10 +42,13 @@ from llm_proxy.storage.base import (
     StorageUnavailable,
 )
 from llm_proxy.storage.factory import open_backend
+from llm_proxy.upstream.client import UpstreamClient
 from llm_proxy.web.supervisor import WorkerSupervisor
 
 log = logging.getLogger("llm_proxy.server")
 
+MODELS_TIMEOUT = 30.0
+"""Seconds GET /v1/models may wait for the upstream's list (REQUEST_TIMEOUT when shorter)."""
 HTTP_DRAIN_SECONDS = 5.0
 """How long open HTTP requests get to finish once shutdown starts."""
 
@@ -103,6 +107,13 @@ def build_web(config: Config) -> Web:
         signals.announce_final(request_id)
 
     finalizer = Finalizer(backend=backend, result_ttl=config.result_ttl, announce=announce, metrics=Metrics())
+    # Only for GET /v1/models: the worker makes every other upstream call.
+    upstream = UpstreamClient(
+        base_url=config.openai_api_base_url,
+        api_key=config.openai_api_key,
+        timeout=min(MODELS_TIMEOUT, config.request_timeout),
+        pool_size=2,
+    )
     service = RequestService(
         queue=backend.queue,
         statuses=backend.statuses,
@@ -126,6 +137,7 @@ def build_web(config: Config) -> Web:
         render_metrics=exposition(backend.queue.counts),
         signals=signals,
         health=HealthMonitor(backend.probe, worker_silence=worker_silence(config.lease_timeout)).check,
+        models=ModelList(upstream.models).get,
     )
     dashboard = Dashboard(
         service=service,
@@ -135,7 +147,7 @@ def build_web(config: Config) -> Web:
         max_concurrent=config.max_concurrent,
     )
     app = with_dashboard(app, dashboard.wsgi())
-    return Web(app=app, config=config, closers=[waiters, backend])
+    return Web(app=app, config=config, closers=[waiters, backend, upstream])
 
 
 def make_listener(host: str, port: int) -> socket.socket:

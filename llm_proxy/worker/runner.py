@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import gevent
 import gevent.event
 
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.job import Job, now_ms
 from llm_proxy.domain.status import Attempt, Status, StatusEntry
 from llm_proxy.observability.metrics import Metrics
@@ -31,9 +32,11 @@ FINISH_RETRY_MAX = 5.0
 
 
 class Upstream(Protocol):
-    def complete(self, body: dict[str, Any]) -> Outcome: ...
+    def complete(self, body: dict[str, Any], endpoint: Endpoint = Endpoint.CHAT) -> Outcome: ...
 
-    def stream(self, body: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome: ...
+    def stream(
+        self, body: dict[str, Any], on_event: Callable[[bytes], None], endpoint: Endpoint = Endpoint.CHAT
+    ) -> Outcome: ...
 
 
 class Cancelled(Exception):
@@ -198,7 +201,7 @@ class JobRunner:
             kind = "success" if outcome.ok else str(outcome.error.get("type", "error"))
             history = (*history, attempt.ended("ok" if outcome.ok else kind, now_ms()))
             if self._metrics is not None:
-                self._metrics.attempted(kind, time.monotonic() - started)
+                self._metrics.attempted(kind, time.monotonic() - started, job.endpoint.value)
             decision = decide(attempts, outcome, self._policy)
             if isinstance(decision, RetryAfter):
                 log.info(
@@ -269,10 +272,10 @@ class JobRunner:
 
     def _call(self, job: Job) -> Outcome:
         if not (job.relay and self._relay is not None):
-            return self._upstream.complete(job.body)
+            return self._upstream.complete(job.body, job.endpoint)
         relay = self._relay(job.request_id)
         try:
-            return self._upstream.stream(job.body, relay.send)
+            return self._upstream.stream(job.body, relay.send, job.endpoint)
         finally:
             relay.close()
 

@@ -36,7 +36,9 @@ def test_a_pending_request_is_cancelled_and_never_sent(
     assert service.status(rid).json()["status"] == "cancelled"
     assert fake_upstream.stats()["by_key"] == {"after": 1}
     hook = wait_until(lambda: receiver.received("cancelled-hook"), timeout=15)
-    assert hook[0]["body"] == f'{{"request_id": "{rid}", "status": "cancelled"}}'
+    assert (
+        hook[0]["body"] == f'{{"request_id": "{rid}", "status": "cancelled", "endpoint": "chat/completions"}}'
+    )
 
 
 def test_a_processing_request_has_its_call_aborted(

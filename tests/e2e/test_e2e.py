@@ -296,11 +296,18 @@ def test_metrics_count_across_web_and_worker(make_service: MakeService, fake_ups
     reply = requests.get(f"{service.url}/metrics", headers=service.headers(), timeout=5)
     assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/plain")
     text = reply.text
-    assert _metric(text, 'llm_proxy_requests_total{status="completed"}') == 3
-    assert _metric(text, 'llm_proxy_requests_total{status="error"}') == 1
-    assert _metric(text, 'llm_proxy_upstream_attempts_total{outcome="success"}') == 3
-    assert _metric(text, 'llm_proxy_upstream_attempts_total{outcome="upstream_error"}') == 2
-    assert _metric(text, "llm_proxy_upstream_seconds_count") == 5
+    assert _metric(text, 'llm_proxy_requests_total{endpoint="chat/completions",status="completed"}') == 3
+    assert _metric(text, 'llm_proxy_requests_total{endpoint="chat/completions",status="error"}') == 1
+    assert (
+        _metric(text, 'llm_proxy_upstream_attempts_total{endpoint="chat/completions",outcome="success"}') == 3
+    )
+    assert (
+        _metric(
+            text, 'llm_proxy_upstream_attempts_total{endpoint="chat/completions",outcome="upstream_error"}'
+        )
+        == 2
+    )
+    assert _metric(text, 'llm_proxy_upstream_seconds_count{endpoint="chat/completions"}') == 5
     assert _metric(text, "llm_proxy_queue_depth") == 0 and _metric(text, "llm_proxy_inflight") == 0
     assert "llm_proxy_webhook_deliveries_total" in text
 

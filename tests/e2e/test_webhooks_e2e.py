@@ -51,7 +51,12 @@ def test_completed_payload_is_signed_and_verifiable(make_service: MakeService, r
 
     [post] = receiver.received(name)
     payload = Webhook(SECRET).verify(post["body"], post["headers"])
-    assert payload == {"request_id": rid, "status": "completed", "response": entry["response"]}
+    assert payload == {
+        "request_id": rid,
+        "status": "completed",
+        "endpoint": "chat/completions",
+        "response": entry["response"],
+    }
     assert post["headers"]["content-type"] == "application/json"
     assert post["headers"]["user-agent"].startswith("llm-proxy")
     assert post["headers"]["webhook-id"] and post["headers"]["webhook-signature"].startswith("v1,")

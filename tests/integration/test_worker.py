@@ -13,6 +13,7 @@ import gevent.event
 import pytest
 
 from conftest import body, wait_until
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.services.finalize import Finalizer
@@ -44,7 +45,7 @@ class ScriptedUpstream:
         self.gate = gevent.event.Event()
         self.gate.set()
 
-    def complete(self, request: dict[str, Any]) -> Outcome:
+    def complete(self, request: dict[str, Any], endpoint: Endpoint = Endpoint.CHAT) -> Outcome:
         rid = request["messages"][0]["content"]
         self.calls.append(rid)
         self.inflight += 1
@@ -57,7 +58,9 @@ class ScriptedUpstream:
         finally:
             self.inflight -= 1
 
-    def stream(self, request: dict[str, Any], on_event: Callable[[bytes], None]) -> Outcome:
+    def stream(
+        self, request: dict[str, Any], on_event: Callable[[bytes], None], endpoint: Endpoint = Endpoint.CHAT
+    ) -> Outcome:
         outcome = self.complete(request)
         if outcome.ok:
             on_event(b"data: {}\n\n")

@@ -24,6 +24,11 @@ when a bucket cannot pay, the answer is 429 with ``Retry-After`` and ``retry-aft
 answer for such a model carries the ``x-ratelimit-*`` headers and a ``usage`` with those tokens.
 ``/_stats`` then reports ``admitted`` (arrival times of the calls let through, by model) and
 ``rejected`` (429s, by model); ``/_reset`` removes the limits.
+Besides ``POST /v1/chat/completions``: ``POST /v1/embeddings`` (a small vector per input, base64 when
+``encoding_format`` asks), ``POST /v1/completions`` and ``POST /v1/responses`` (both echo their
+``prompt`` / ``input``, streamed with ``stream``: text_completion chunks ending with ``[DONE]``, or the
+Responses API's typed events ending with ``response.completed``), all steered by ``x_fake`` the same
+way, and ``GET /v1/models``; ``/_stats`` counts calls by ``path``.
 """
 
 from gevent import monkey
@@ -31,10 +36,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -45,6 +52,8 @@ import gevent  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 _BLOCK = b"x" * 65536
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+MODELS = ("gpt-test", "text-embedding-test", "gpt-test-instruct")
 _COMMENTS = b": keep-alive\n" * 5000
 
 
@@ -123,6 +132,7 @@ class FakeUpstream:
         self.buckets: dict[str, dict[str, Bucket]] = {}
         self.admitted: dict[str, list[float]] = {}
         self.rejected: Counter[str] = Counter()
+        self.paths: Counter[str] = Counter()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -140,6 +150,7 @@ class FakeUpstream:
             "client_ports": sorted(self.client_ports),
             "admitted": self.admitted,
             "rejected": dict(self.rejected),
+            "paths": dict(self.paths),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -157,14 +168,19 @@ class FakeUpstream:
                     kind: Bucket(int(limits[kind])) for kind in ("rpm", "tpm") if limits.get(kind)
                 }
             return self._json(start_response, 200, {"ok": True})
-        if path != "/v1/chat/completions" or method != "POST":
+        if path == "/v1/models" and method == "GET":
+            self.paths[path] += 1
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
+            return self._json(start_response, 200, {"object": "list", "data": models})
+        if path not in ENDPOINTS or method != "POST":
             return self._json(start_response, 404, {"error": {"message": "no such route"}})
+        self.paths[path] += 1
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = json.loads(environ["wsgi.input"].read(length) or b"{}")
-        return self._complete(environ, start_response, body)
+        return self._complete(environ, start_response, body, path)
 
     def _complete(
-        self, environ: dict[str, Any], start_response: Any, body: dict[str, Any]
+        self, environ: dict[str, Any], start_response: Any, body: dict[str, Any], path: str
     ) -> Iterable[bytes]:
         arrived = time.time()
         fake = body.get("x_fake") or {}
@@ -224,6 +240,8 @@ class FakeUpstream:
             if fake.get("garbage"):
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"not json"]
+            if path != "/v1/chat/completions":
+                return self._other(path, start_response, body, fake, headers, int(arrived))
             messages = body.get("messages") or [{}]
             content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
             if body.get("stream"):
@@ -335,6 +353,155 @@ class FakeUpstream:
                 }
             )
         yield b"data: [DONE]\n\n"
+
+    def _other(
+        self,
+        path: str,
+        start_response: Any,
+        body: dict[str, Any],
+        fake: dict[str, Any],
+        headers: dict[str, str],
+        created: int,
+    ) -> Iterable[bytes]:
+        """The answer of the endpoints other than chat, once ``x_fake`` let the call through."""
+        if path == "/v1/embeddings":
+            return self._json(start_response, 200, self._embeddings(body), headers)
+        if path == "/v1/completions":
+            prompt = body.get("prompt")
+            text = f"echo: {prompt[0] if isinstance(prompt, list) and prompt else prompt}"
+        else:
+            given = body.get("input")
+            if isinstance(given, list) and given:
+                last = given[-1]
+                given = last.get("content") if isinstance(last, dict) else last
+            text = f"echo: {given}"
+        if body.get("stream"):
+            self.streamed_calls += 1
+            start_response("200 OK", [("Content-Type", "text/event-stream"), *headers.items()])
+            pieces = [w if n == 0 else " " + w for n, w in enumerate(text.split(" "))]
+            if path == "/v1/completions":
+                return self._text_stream(pieces, body, fake, created)
+            return self._response_stream(pieces, body, fake, created)
+        if path == "/v1/completions":
+            completion = {
+                "id": f"cmpl-{self.calls}",
+                "object": "text_completion",
+                "created": created,
+                "model": body.get("model"),
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }
+            return self._json(start_response, 200, completion, headers)
+        return self._json(start_response, 200, self._response(body, text, created, "completed"), headers)
+
+    def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        given = body.get("input")
+        if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
+            inputs: list[Any] = [given]
+        else:
+            inputs = list(given or [])
+        dimensions = int(body.get("dimensions") or 3)
+        data = []
+        for index, item in enumerate(inputs):
+            # A vector that tells the inputs apart: its first value is the input's length.
+            vector = [float(len(item))] + [0.5] * (dimensions - 1)
+            encoded: Any = vector
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(math.ceil(len(json.dumps(item)) / 4) for item in inputs)
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def _response(self, body: dict[str, Any], text: str, created: int, status: str) -> dict[str, Any]:
+        """A Responses API ``response`` object with one output message (none while in progress)."""
+        message = {
+            "type": "message",
+            "id": f"msg_{self.calls}",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        return {
+            "id": f"resp_{self.calls}",
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "model": body.get("model"),
+            "output": [message] if status == "completed" else [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "store": body.get("store", True),
+            "error": None,
+            "incomplete_details": None,
+            "usage": {
+                "input_tokens": 1,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": len(text.split(" ")),
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 1 + len(text.split(" ")),
+            },
+        }
+
+    def _text_stream(
+        self, pieces: list[str], body: dict[str, Any], fake: dict[str, Any], created: int
+    ) -> Iterator[bytes]:
+        head = {
+            "id": f"cmpl-{self.calls}",
+            "object": "text_completion",
+            "created": created,
+            "model": body.get("model"),
+        }
+        for number, piece in enumerate(pieces):
+            if "break_after" in fake and number >= int(fake["break_after"]):
+                raise ConnectionError("induced break")
+            gevent.sleep(float(fake.get("chunk_delay", 0.0)))
+            choice = {"text": piece, "index": 0, "logprobs": None, "finish_reason": None}
+            yield b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+        last = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+        yield b"data: " + json.dumps({**head, "choices": [last]}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    def _response_stream(
+        self, pieces: list[str], body: dict[str, Any], fake: dict[str, Any], created: int
+    ) -> Iterator[bytes]:
+        """The Responses API's typed events, as OpenAI sends them: no ``[DONE]``, the stream ends
+        after ``response.completed``."""
+        text = "".join(pieces)
+        final = self._response(body, text, created, "completed")
+        message = final["output"][0]
+        number = 0
+
+        def event(kind: str, **fields: Any) -> bytes:
+            nonlocal number
+            number += 1
+            payload = {"type": kind, "sequence_number": number - 1, **fields}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+        yield event("response.created", response=self._response(body, text, created, "in_progress"))
+        yield event("response.in_progress", response=self._response(body, text, created, "in_progress"))
+        yield event(
+            "response.output_item.added",
+            output_index=0,
+            item={**message, "status": "in_progress", "content": []},
+        )
+        where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        yield event("response.content_part.added", **where, part=part)
+        for index, piece in enumerate(pieces):
+            if "break_after" in fake and index >= int(fake["break_after"]):
+                raise ConnectionError("induced break")
+            gevent.sleep(float(fake.get("chunk_delay", 0.0)))
+            yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
+        yield event("response.output_text.done", **where, text=text, logprobs=[])
+        yield event("response.content_part.done", **where, part={**part, "text": text})
+        yield event("response.output_item.done", output_index=0, item=message)
+        yield event("response.completed", response=final)
 
     def _big(
         self, start_response: Any, body: dict[str, Any], fake: dict[str, Any], key: str, created: int

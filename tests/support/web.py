@@ -24,6 +24,9 @@ from llm_proxy.storage.base import (
     WebSignals,
 )
 from llm_proxy.storage.factory import open_backend
+from llm_proxy.upstream.outcome import Outcome
+
+MODELS = '{"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 0, "owned_by": "t"}]}'
 
 API_KEY = "test-key-0123456789"
 OTHER_KEY = "other-key-987654321"
@@ -105,6 +108,7 @@ class InProcessWeb:
                 keys=KeyChecker([API_KEY, OTHER_KEY]),
                 settings=ApiSettings(**{"max_body_bytes": 16384, **settings}),
                 render_metrics=lambda: b"",
+                models=lambda: Outcome(response_json=MODELS),
             )
         )
 

@@ -1,0 +1,105 @@
+"""Streams of the completions and Responses endpoints: events split at any boundary, folded into
+the object the unstreamed call answers, and a stored one replayed as events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llm_proxy.domain.endpoints import Endpoint
+from llm_proxy.upstream.sse import (
+    Event,
+    ResponseAssembler,
+    TextCompletionAssembler,
+    as_events,
+    assembler_for,
+    sse_events,
+)
+
+RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [{"type": "message"}]}
+TYPED = (
+    b": comment\n\n"
+    b"event: response.created\n"
+    b'data: {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}\n\n'
+    b"id: 3\r\nevent: response.output_text.delta\r\n"
+    b'data: {"type": "response.output_text.delta", "delta": "Hi"}\r\n\r\n'
+    b"event: response.completed\n"
+    b"data: " + json.dumps({"type": "response.completed", "response": RESPONSE}).encode() + b"\n\n"
+)
+
+
+def test_typed_events_split_anywhere_keep_their_names() -> None:
+    whole = list(sse_events([TYPED]))
+    assert [e.name for e in whole] == [
+        b"response.created",
+        b"response.output_text.delta",
+        b"response.completed",
+    ]
+    for cut in range(len(TYPED) + 1):
+        assert list(sse_events([TYPED[:cut], TYPED[cut:]])) == whole
+    # Relayed as sent, less the connection's own fields (id, comments).
+    assert whole[1].raw == (
+        b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "delta": "Hi"}\n\n'
+    )
+
+
+def test_multi_line_data_and_an_unterminated_last_event() -> None:
+    events = list(sse_events([b"data: a\ndata: b\n\ndata: [DONE]"]))
+    assert events == [Event(None, b"a\nb"), Event(None, b"[DONE]")]
+    assert events[0].raw == b"data: a\ndata: b\n\n"
+
+
+def test_the_response_is_the_one_of_response_completed() -> None:
+    assembler = ResponseAssembler()
+    for event in sse_events([TYPED]):
+        chunk = json.loads(event.data)
+        assert assembler.failure(chunk) is None
+        assembler.add(chunk)
+    assert assembler.done and assembler.completion() == RESPONSE
+
+
+def test_failed_responses_and_error_events_are_failures() -> None:
+    assembler = assembler_for(Endpoint.RESPONSES)
+    failed = {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "boom"}}}
+    assert assembler.failure(failed) == {"message": "boom", "code": "server_error"}
+    error = assembler.failure({"type": "error", "code": "x", "message": "bad", "param": None})
+    assert error is not None and error["message"] == "bad" and error["code"] == "x"
+
+
+def test_text_completion_chunks_fold_into_a_text_completion() -> None:
+    assembler = TextCompletionAssembler()
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m"}
+    chunks: list[dict[str, Any]] = [
+        {**head, "choices": [{"index": 0, "text": "Hello", "logprobs": {"tokens": ["Hello"]}}]},
+        {**head, "choices": [{"index": 0, "text": " world", "logprobs": {"tokens": [" world"]}}]},
+        {**head, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+        {**head, "choices": [], "usage": {"total_tokens": 3}},
+    ]
+    for chunk in chunks:
+        assembler.add(chunk)
+    completion = assembler.completion()
+    assert completion == {
+        **head,
+        "choices": [
+            {
+                "index": 0,
+                "text": "Hello world",
+                "logprobs": {"tokens": ["Hello", " world"]},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"total_tokens": 3},
+    }
+    # Replayed and folded again: the same object.
+    again = TextCompletionAssembler()
+    for event in sse_events([as_events(Endpoint.COMPLETIONS, completion)]):
+        if event.data != b"[DONE]":
+            again.add(json.loads(event.data))
+    assert again.completion() == completion
+
+
+def test_a_stored_response_replays_as_created_then_completed() -> None:
+    events = list(sse_events([as_events(Endpoint.RESPONSES, RESPONSE)]))
+    assert [e.name for e in events] == [b"response.created", b"response.completed"]
+    assert json.loads(events[1].data)["response"] == RESPONSE
+    assert b"[DONE]" not in as_events(Endpoint.RESPONSES, RESPONSE)
