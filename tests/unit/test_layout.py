@@ -19,6 +19,7 @@ RANKS = {
     "services": 2,
     "upstream": 3,
     "webhooks": 4,
+    "ratelimit": 4,
     "api": 5,
     "dashboard": 6,
     "web": 7,

@@ -47,27 +47,10 @@ VALUES (%s, %s, %s, %s, %s, %s) RETURNING ticket
 """
 # Waiting jobs, oldest first, along the partial index of waiting rows (claimed jobs whose lease
 # lapsed wait again through ``requeue_lapsed``, which every worker runs every third of a lease).
-_CLAIM = """
-WITH used AS (
-    SELECT count(*) AS n FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now()
-), picked AS MATERIALIZED (
-    SELECT ticket, state FROM llm_proxy_jobs
-    WHERE state < 2
-    ORDER BY ticket
-    LIMIT GREATEST(0, LEAST(%(limit)s, %(ceiling)s - (SELECT n FROM used)))
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE llm_proxy_jobs AS j
-SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
-    lease_expires_at = now() + make_interval(secs => %(lease)s), calling = true
-FROM picked WHERE j.ticket = picked.ticket
-RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
-    j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
-"""
-# With rate limits: the free slots, then the oldest waiting jobs passing over the models held back
-# (and those already taken by this claim), judged one by one by the gate, then the admitted ones
-# leased in one statement. Rate-limit state is read and written under the claim's advisory lock.
-_USED = "SELECT count(*) FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now()"
+# A claim: its start in one round trip (``llm_proxy_claim_start``, under the claim's advisory lock:
+# the free slots, the rate-limit state, the oldest waiting jobs that fit), then, when the gate passed
+# over some models, more candidates past them, then the admitted ones leased in one statement.
+_START = "SELECT llm_proxy_claim_start(%s, %s, %s, %s, %s)"
 _CANDIDATES = """
 SELECT ticket, request_id, model, body FROM llm_proxy_jobs
 WHERE state < 2 AND model <> ALL(%(passed)s) AND ticket <> ALL(%(taken)s)
@@ -83,7 +66,6 @@ WHERE j.ticket = picked.ticket
 RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
     j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
 """
-_RATES = "SELECT model, state FROM llm_proxy_rates"
 _STORE_RATES = """
 INSERT INTO llm_proxy_rates (model, state) SELECT * FROM unnest(%s::text[], %s::text[])
 ON CONFLICT (model) DO UPDATE SET state = excluded.state
@@ -95,11 +77,6 @@ ON CONFLICT (model) DO UPDATE SET throttled_until = excluded.throttled_until
 # A waiting job's place in line, exact, counting the shorter side of it: the jobs ahead, or (in a
 # deep queue, for the newest ones) the jobs behind, taken from the waiting count that the
 # trigger keeps in the same snapshot.
-# Calls that ended free their slots, fenced by the lease token (the job may be another's now).
-_CALLS_ENDED = """
-UPDATE llm_proxy_jobs SET calling = false
-WHERE state = 2 AND calling AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))
-"""
 _FIND = """
 SELECT j.ticket, j.state, j.owner, j.submitted_at, j.body,
     CASE WHEN j.state >= 2 THEN NULL
@@ -126,6 +103,45 @@ def _model(body: dict[str, Any]) -> str:
 def _body(text: str) -> dict[str, Any]:
     value = json.loads(text)
     return value if isinstance(value, dict) else {}
+
+
+def _admitted(
+    connection: Connection,
+    gate: RateGate,
+    free: int,
+    oldest: list[tuple[int, str, str, str]],
+    shared: dict[str, str],
+) -> list[int]:
+    """The tickets the gate admits, oldest first, passing over the models it holds back; their
+    rate-limit state and throttles stored in the claim's transaction."""
+    passed = set(gate.begin(shared))
+    taken: list[int] = []
+    candidates = oldest
+    while ALL_MODELS not in passed and len(taken) < free:
+        wanted = free - len(taken)
+        # Jobs of a held-back model among the candidates: look past them for others.
+        refused = False
+        for ticket, request_id, model, body in candidates:
+            if model in passed:
+                refused = True
+                continue
+            if gate.admit(request_id, model, _body(body)):
+                taken.append(ticket)
+            else:
+                passed.add(model)
+                refused = True
+        if not refused or len(candidates) < wanted:
+            break
+        rows = connection.execute(
+            _CANDIDATES, {"passed": sorted(passed), "taken": taken, "limit": free - len(taken)}
+        ).fetchall()
+        candidates = [(int(t), str(rid), str(model), str(body)) for t, rid, model, body in rows]
+    states, throttles = gate.end()
+    if states:
+        connection.execute(_STORE_RATES, (list(states), list(states.values())))
+    if throttles:
+        connection.execute(_STORE_THROTTLES, (list(throttles), list(throttles.values())))
+    return taken
 
 
 class PostgresJobQueue(JobQueue):
@@ -245,15 +261,7 @@ class PostgresJobQueue(JobQueue):
         ended, self._ended = self._ended, {}
         try:
             with self._db.transaction("cannot claim jobs") as connection:
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
-                if ended:
-                    connection.execute(_CALLS_ENDED, (list(ended), list(ended.values())))
-                if gate is None:
-                    rows = connection.execute(
-                        _CLAIM, {"limit": limit, "ceiling": ceiling, "holder": holder, "lease": lease_seconds}
-                    ).fetchall()
-                else:
-                    rows = self._claim_admitted(connection, limit, ceiling, holder, lease_seconds, gate)
+                rows = self._claim_in(connection, limit, ceiling, holder, lease_seconds, gate, ended)
         except BaseException:
             self._ended.update(ended)
             raise
@@ -287,35 +295,27 @@ class PostgresJobQueue(JobQueue):
         return sorted(claims, key=lambda c: c.ticket)
 
     @staticmethod
-    def _claim_admitted(
-        connection: Connection, limit: int, ceiling: int, holder: str, lease_seconds: float, gate: RateGate
+    def _claim_in(
+        connection: Connection,
+        limit: int,
+        ceiling: int,
+        holder: str,
+        lease_seconds: float,
+        gate: RateGate | None,
+        ended: dict[int, int],
     ) -> list[Any]:
-        used = connection.execute(_USED).fetchone()
-        free = min(limit, ceiling - (int(used[0]) if used else 0))
-        shared = {str(model): str(state) for model, state in connection.execute(_RATES).fetchall()}
-        passed = set(gate.begin(shared))
-        taken: list[int] = []
-        while ALL_MODELS not in passed and len(taken) < free:
-            wanted = free - len(taken)
-            candidates = connection.execute(
-                _CANDIDATES, {"passed": sorted(passed), "taken": taken, "limit": wanted}
-            ).fetchall()
-            refused = False
-            for ticket, request_id, model, body in candidates:
-                if model in passed:
-                    continue
-                if gate.admit(str(request_id), str(model), _body(body)):
-                    taken.append(int(ticket))
-                else:
-                    passed.add(str(model))
-                    refused = True
-            if not refused or len(candidates) < wanted:
-                break
-        states, throttles = gate.end()
-        if states:
-            connection.execute(_STORE_RATES, (list(states), list(states.values())))
-        if throttles:
-            connection.execute(_STORE_THROTTLES, (list(throttles), list(throttles.values())))
+        row = connection.execute(
+            _START, (CLAIM_LOCK, list(ended), list(ended.values()), limit, ceiling)
+        ).fetchone()
+        start: dict[str, Any] = row[0] if row else {"free": 0, "rates": {}, "candidates": []}
+        free = int(start["free"])
+        oldest = [(int(t), str(rid), str(model), str(body)) for t, rid, model, body in start["candidates"]]
+        if gate is None:
+            taken = [ticket for ticket, _, _, _ in oldest]
+        else:
+            taken = _admitted(
+                connection, gate, free, oldest, {str(m): str(s) for m, s in start["rates"].items()}
+            )
         if not taken:
             return []
         return connection.execute(

@@ -144,6 +144,35 @@ MIGRATIONS: tuple[str, ...] = (
         model text PRIMARY KEY, state text NOT NULL DEFAULT '{}', throttled_until double precision
     );
     """,
+    # A claim's start in one round trip instead of five: take the claim lock, free the slots of
+    # calls that ended, count the slots in use, read the rate-limit state and lock the oldest
+    # waiting jobs that fit. Each statement in a VOLATILE function takes a fresh snapshot, so the
+    # count sees every claim committed before the lock was granted.
+    """
+    CREATE FUNCTION llm_proxy_claim_start(
+        lock_key bigint, ended_tickets bigint[], ended_tokens bigint[], wanted integer, ceiling integer
+    ) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        free integer;
+        rates json;
+        candidates json;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(lock_key);
+        UPDATE llm_proxy_jobs SET calling = false
+        WHERE state = 2 AND calling
+            AND (ticket, token) IN (SELECT * FROM unnest(ended_tickets, ended_tokens));
+        SELECT GREATEST(0, LEAST(wanted, ceiling - count(*))) INTO free
+        FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now();
+        SELECT coalesce(json_object_agg(model, state), '{}') INTO rates FROM llm_proxy_rates;
+        SELECT coalesce(json_agg(json_build_array(ticket, request_id, model, body) ORDER BY ticket), '[]')
+        INTO candidates
+        FROM (
+            SELECT ticket, request_id, model, body FROM llm_proxy_jobs
+            WHERE state < 2 ORDER BY ticket LIMIT free FOR UPDATE SKIP LOCKED
+        ) AS oldest;
+        RETURN json_build_object('free', free, 'rates', rates, 'candidates', candidates);
+    END $$;
+    """,
 )
 
 
