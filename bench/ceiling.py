@@ -9,7 +9,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bottle import Bottle, HTTPResponse  # noqa: E402
+from bottle import Bottle, HTTPResponse, request  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +34,8 @@ def main() -> None:
 
     @app.post("/v1/chat/completions")
     def submit() -> HTTPResponse:
+        # Read as the service reads it: a body left unread closes the connection.
+        request.body.read()
         return HTTPResponse(body=ACCEPTED, status=202, headers={"Content-Type": "application/json"})
 
     @app.get("/v1/chat/completions/<request_id>")
