@@ -619,7 +619,7 @@ class Bench:
         model (a bucket that refills continuously, as OpenAI's), pacing on and off in the same run.
         Goodput is the calls the upstream let through over the most it would have let through in
         that time (its full bucket plus the refill), so 1.0 is the upstream's limit."""
-        total = 200 if self.quick else 2000
+        total = 60 if self.quick else 2000
         rpm, tpm = (120, 20_000) if self.quick else (1200, 200_000)
         print(f"rate limits ({total} requests, upstream {rpm} RPM / {tpm} TPM per model)", flush=True)
         for label, adaptive in (("on", "true"), ("off", "false")):

@@ -25,6 +25,11 @@ FIGURES = {
     "DATA_DIR after expiry",
     "wait-mode throughput",
     "wait-mode added latency p50",
+    *(
+        f"rate limits, pacing {label}: {figure}"
+        for label in ("on", "off")
+        for figure in ("goodput", "upstream 429s", "ended rate_limited")
+    ),
 }
 POSTGRES_FIGURES = {
     f"{name} [postgres]"

@@ -178,7 +178,7 @@ def test_ctrl_c_says_what_it_waits_for_and_a_second_one_puts_the_calls_back_now(
         service.submit(body(x_fake={"key": f"ctrl-c-{i}", "delay": 60, "slow_times": 1})).json()["request_id"]
         for i in range(2)
     ]
-    wait_until(lambda: fake_upstream.stats()["inflight"] == 2, timeout=10)
+    wait_until(lambda: all(_calls_reach(fake_upstream, f"ctrl-c-{i}", 1) for i in range(2)), timeout=10)
     assert service.process is not None
     _ctrl_c(service.process.pid)
     wait_until(lambda: "Ctrl-C again" in service.log(), timeout=10)
@@ -205,7 +205,7 @@ def test_a_second_ctrl_c_hurries_a_worker_run_on_its_own(
     rid = service.submit(body(x_fake={"key": "ctrl-c-alone", "delay": 60, "slow_times": 1})).json()[
         "request_id"
     ]
-    wait_until(lambda: fake_upstream.stats()["inflight"] == 1, timeout=10)
+    wait_until(lambda: _calls_reach(fake_upstream, "ctrl-c-alone", 1), timeout=10)
     _ctrl_c(worker.pid)
     wait_until(lambda: "Ctrl-C again" in service.log(), timeout=10)
     time.sleep(0.5)

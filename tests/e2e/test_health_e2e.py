@@ -112,7 +112,8 @@ def test_an_embedded_queue_that_cannot_be_read_makes_health_503_until_it_is_repa
         database.execute("ALTER TABLE ack_queue_jobs_counts RENAME TO hidden_counts")
         try:
             found = wait_until(lambda: problem(service, "store"), timeout=10, interval=0.2)
-            assert "no such table" in found["message"]
+            assert "cannot be read or written" in found["message"]
+            assert "no such table" in service.log()  # the details, for the operator
         finally:
             database.execute("ALTER TABLE hidden_counts RENAME TO ack_queue_jobs_counts")
     finally:
