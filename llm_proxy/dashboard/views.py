@@ -124,6 +124,26 @@ def overview(
     }
 
 
+def rate_limit_rows(
+    throttles: Mapping[str, float], remaining: Mapping[str, Mapping[str, int]], now: float
+) -> list[dict[str, str]]:
+    """One row per model the limits know of: held back until when (a 429's pause, a ceiling or
+    the paced budget), and what the upstream last reported left."""
+    rows = []
+    for model in sorted(set(throttles) | set(remaining)):
+        until = throttles.get(model)
+        left = remaining.get(model, {})
+        rows.append(
+            {
+                "model": "every model" if model == "*" else model,
+                "held back until": when(int(until * 1000)) if until and until > now else "not held back",
+                "remaining requests": str(left.get("remaining requests", "not reported")),
+                "remaining tokens": str(left.get("remaining tokens", "not reported")),
+            }
+        )
+    return rows
+
+
 def _text(content: Any) -> str:
     """A message's content: text, or the text parts of a list of parts (images named, not shown)."""
     if isinstance(content, str):

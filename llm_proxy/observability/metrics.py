@@ -162,6 +162,30 @@ class TolerantMultiProcessCollector:
         return False
 
 
+REMAINING = {
+    "llm_proxy_ratelimit_remaining_requests": "remaining requests",
+    "llm_proxy_ratelimit_remaining_tokens": "remaining tokens",
+}
+
+
+def reported_remaining() -> dict[str, dict[str, int]]:
+    """What the upstream last reported left, by model and figure (``REMAINING``'s names), from
+    every process's gauges; empty when metrics are not shared between processes."""
+    directory = os.environ.get(ENV)
+    if not directory:
+        return {}
+    found: dict[str, dict[str, int]] = {}
+    for metric in TolerantMultiProcessCollector(directory).collect():
+        figure = REMAINING.get(metric.name)
+        if figure is None:
+            continue
+        for sample in metric.samples:
+            model = sample.labels.get("model")
+            if model is not None:
+                found.setdefault(model, {})[figure] = int(sample.value)
+    return found
+
+
 def exposition(counts: Callable[[], tuple[int, int]]) -> Callable[[], bytes]:
     """A function rendering every process's counters plus live queue gauges."""
     from prometheus_client import CollectorRegistry, generate_latest

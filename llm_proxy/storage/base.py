@@ -191,6 +191,11 @@ class JobQueue(ABC):
         """Cancel a queued job in one step (see ``CancelResult``)."""
 
     @abstractmethod
+    def throttles(self) -> dict[str, float]:
+        """The models a rate limit holds back now (``ALL_MODELS``: every one), with until when
+        (seconds since the epoch): what the claims recorded last."""
+
+    @abstractmethod
     def cancel_requested(self, request_id: str) -> bool:
         """Whether a cancellation was recorded for this in-flight job."""
 

@@ -30,8 +30,9 @@ from llm_proxy.api.models import ModelList
 from llm_proxy.api.service import RequestService
 from llm_proxy.api.waiters import Waiters
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
+from llm_proxy.dashboard.views import rate_limit_rows
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
-from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition
+from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition, reported_remaining
 from llm_proxy.processes import CONFIG_ERROR, SUPERVISOR_PID_ENV
 from llm_proxy.services.finalize import Finalizer
 from llm_proxy.services.health import HealthMonitor, worker_silence
@@ -145,6 +146,7 @@ def build_web(config: Config) -> Web:
         index=backend.requests,
         api_keys=keys,
         max_concurrent=config.max_concurrent,
+        rate_limits=lambda: rate_limit_rows(backend.queue.throttles(), reported_remaining(), time.time()),
     )
     app = with_dashboard(app, dashboard.wsgi())
     return Web(app=app, config=config, closers=[waiters, backend, upstream])

@@ -687,6 +687,9 @@ def test_a_gate_passes_over_held_back_models_keeping_order_within_each(backend: 
         assert found is not None and found.position is not None
         assert found.throttled_until is not None and found.throttled_until > time.time() * 1000 + 20_000
     assert backend.queue.counts() == (4, 2)
+    # The models held back, for the dashboard: the refused one and the one held from the start.
+    held = backend.queue.throttles()
+    assert set(held) == {"m-a", "m-c"} and all(until > time.time() + 20 for until in held.values())
     # Without a gate, the oldest waiting jobs, whatever their model.
     assert [c.job.request_id for c in claim(backend.queue, 2)] == [ids[1], ids[3]]
 
@@ -697,6 +700,7 @@ def test_a_gate_that_holds_every_model_claims_nothing(backend: Backend) -> None:
     assert backend.queue.claim_many(5, holder="w1", lease_seconds=60, gate=gate) == []
     found = backend.queue.find(model_job(1).request_id)
     assert found is not None and found.throttled_until is not None
+    assert set(backend.queue.throttles()) == {ALL_MODELS}
 
 
 def test_rate_state_is_shared_by_every_worker_of_a_shared_back_end(

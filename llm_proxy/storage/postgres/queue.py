@@ -427,6 +427,14 @@ class PostgresJobQueue(JobQueue):
             )
             return CancelResult.SIGNALLED
 
+    def throttles(self) -> dict[str, float]:
+        rows = self._db.execute(
+            "cannot read the job queue",
+            "SELECT model, throttled_until FROM llm_proxy_rates"
+            " WHERE throttled_until > extract(epoch FROM now())",
+        )
+        return {str(model): float(until) for model, until in rows}
+
     def cancel_requested(self, request_id: str) -> bool:
         rows = self._db.execute(
             "cannot read the job queue",

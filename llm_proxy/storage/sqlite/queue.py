@@ -492,6 +492,17 @@ class PersistJobQueue(JobQueue):
 
         return retrying("cannot withdraw the job", take_out, self._patience)
 
+    def throttles(self) -> dict[str, float]:
+        rows = retrying(
+            "cannot read the job queue",
+            lambda: self._reader.execute(
+                f"SELECT model, until FROM {TABLE}_throttles WHERE until > ?",
+                (time.time(),),
+            ).fetchall(),
+            self._patience,
+        )
+        return {str(model): float(until) for model, until in rows}
+
     def cancel_requested(self, request_id: str) -> bool:
         return self._scalar(f"SELECT 1 FROM {TABLE}_cancels WHERE request_id = ?", (request_id,)) is not None
 
