@@ -358,8 +358,10 @@ class Outbox(ABC):
         attempt under way when its sender died)."""
 
     @abstractmethod
-    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
-        """The deliveries this sender is still working on stay its own ``hold`` seconds more."""
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> set[int]:
+        """The deliveries this sender is still working on stay its own ``hold`` seconds more.
+        Returns the tickets it still holds: one missing was taken up by another sender (this one
+        was cut off longer than its hold), which now sends it; this one must stop."""
 
     @abstractmethod
     def done(self, owed: OwedDelivery) -> None:

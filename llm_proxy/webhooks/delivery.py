@@ -133,6 +133,7 @@ class WebhookDeliverer:
         self._active: set[str] = set()
         # Deliveries taken and not yet done: kept this sender's while it works on them.
         self._taken: dict[int, OwedDelivery] = {}
+        self._senders: dict[int, gevent.Greenlet[..., None]] = {}
         self._nudged = gevent.event.Event()
         self._stopping = gevent.event.Event()
 
@@ -162,7 +163,7 @@ class WebhookDeliverer:
                 )
                 for owed in batch:
                     self._taken[owed.ticket] = owed
-                    self._group.spawn(self._deliver, owed)
+                    self._senders[owed.ticket] = self._group.spawn(self._deliver, owed)
         finally:
             keeper.kill()
 
@@ -171,10 +172,18 @@ class WebhookDeliverer:
         included) stay this sender's; a sender that dies stops keeping them, and another one
         takes them up when the hold is over."""
         while not self._stopping.wait(self._hold / 3):
+            working = list(self._taken.values())
             try:
-                self._outbox.keep(list(self._taken.values()), hold=self._hold)
+                held = self._outbox.keep(working, hold=self._hold)
             except StorageUnavailable as exc:
                 log.warning("cannot keep webhook deliveries; retrying: %s", exc)
+                continue
+            for owed in working:
+                sender = self._senders.get(owed.ticket)
+                if owed.ticket not in held and sender is not None and owed.ticket in self._taken:
+                    # Cut off longer than the hold: another sender took it up and sends it now.
+                    log.warning("webhook for %s: taken up by another sender", owed.delivery.request_id)
+                    sender.kill(block=False)
 
     def _deliver(self, owed: OwedDelivery) -> None:
         request_id = owed.delivery.request_id
@@ -192,6 +201,7 @@ class WebhookDeliverer:
             log.error("webhook for %s: storage failed; it is taken up again later: %s", request_id, exc)
         finally:
             self._taken.pop(owed.ticket, None)
+            self._senders.pop(owed.ticket, None)
 
     def _deliver_one(self, owed: OwedDelivery) -> None:
         delivery = owed.delivery

@@ -506,7 +506,7 @@ def test_a_kept_delivery_stays_taken_and_an_abandoned_one_is_taken_up_again(back
     kept, abandoned = outbox.take(10, hold=0.5)
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
-        outbox.keep([kept], hold=0.5)
+        assert outbox.keep([kept], hold=0.5) == {kept.ticket}
         time.sleep(0.1)
     if backend.previous_holders_gone:
         # One sender at a time: nothing is taken from it while it runs, whatever the hold.

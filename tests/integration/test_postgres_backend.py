@@ -12,7 +12,7 @@ import pytest
 
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
-from llm_proxy.storage.base import DatabaseUnusable
+from llm_proxy.storage.base import DatabaseUnusable, Delivery
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.storage.postgres.database import Database, normalized_url, redacted
 from llm_proxy.storage.postgres.schema import MIGRATIONS, migrate
@@ -108,3 +108,24 @@ def test_a_slot_given_back_is_free_for_the_next_claim_before_its_job_finishes(
     finally:
         worker.close()
         other.close()
+
+
+def test_a_sender_cut_off_past_its_hold_loses_the_delivery_to_the_one_that_took_it_up(
+    database_url: str, tmp_path: Path
+) -> None:
+    first, second = (open_backend(data_dir=tmp_path / n, database_url=database_url) for n in "ab")
+    try:
+        first.outbox.owe(
+            Delivery(request_id="chatreq_hook", owner="o", url="https://example.com/h", payload="{}")
+        )
+        [mine] = first.outbox.take(10, hold=0.3)
+        assert first.outbox.keep([mine], hold=0.3) == {mine.ticket}
+        time.sleep(0.5)  # cut off: no keep within the hold
+        [theirs] = second.outbox.take(10, hold=60)
+        assert theirs.ticket == mine.ticket
+        # The first sender learns it lost the delivery; it cannot keep the second one's hold alive.
+        assert first.outbox.keep([mine], hold=60) == set()
+        assert second.outbox.keep([theirs], hold=60) == {theirs.ticket}
+    finally:
+        first.close()
+        second.close()

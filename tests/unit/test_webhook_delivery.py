@@ -143,6 +143,8 @@ class MemoryOutbox(Outbox):
         self.taken: set[int] = set()
         self.finished: list[int] = []
         self.kept: list[list[int]] = []
+        self.lost: set[int] = set()
+        """Deliveries another sender took up (this one was cut off past its hold)."""
 
     def owe(self, delivery: Delivery) -> None:
         self.owed.append(OwedDelivery(len(self.owed) + 1, delivery))
@@ -153,8 +155,9 @@ class MemoryOutbox(Outbox):
         self.taken.update(o.ticket for o in batch)
         return batch
 
-    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> set[int]:
         self.kept.append([o.ticket for o in owed])
+        return {o.ticket for o in owed} - self.lost
 
     def done(self, owed: OwedDelivery) -> None:
         self.finished.append(owed.ticket)
@@ -581,3 +584,30 @@ def test_idle_destinations_are_forgotten(harness: Harness) -> None:
         gate.set()
         wait_for(lambda: harness.is_done("req-busy-1") and harness.is_done("req-busy-2"))
         assert deliverer._destinations == {}
+
+
+def test_a_delivery_taken_up_by_another_sender_stops_here(harness: Harness) -> None:
+    harness.deliverer = WebhookDeliverer(
+        outbox=harness.outbox,
+        statuses=harness.statuses,
+        sender=harness.sender,
+        retry_base=30.0,  # its next attempt would come long after the test
+        concurrency=4,
+        poll_interval=30.0,
+        hold=0.15,
+        rand=random.Random(7),
+    )
+    runner = gevent.spawn(harness.deliverer.run)
+    try:
+        owe(harness, "req-lost", [FAILED_500])
+        wait_for(lambda: len(harness.sender.calls(delivery("req-lost").url)) == 1)
+        wait_for(lambda: [1] in harness.outbox.kept)
+        harness.outbox.lost.add(1)
+        # This sender lets it go: no longer kept, never sent again from here, not marked done.
+        wait_for(lambda: harness.outbox.kept[-1] == [])
+        assert len(harness.sender.calls(delivery("req-lost").url)) == 1
+        assert harness.outbox.finished == []
+    finally:
+        harness.deliverer.stop()
+        runner.join(timeout=5)
+        runner.kill()

@@ -4,6 +4,8 @@ while is over."""
 
 from __future__ import annotations
 
+import secrets
+
 from llm_proxy.storage.base import Delivery, Outbox, OwedDelivery
 from llm_proxy.storage.postgres.database import Connection, Database
 
@@ -13,6 +15,8 @@ COMPACT_LOCK = 7_210_005
 class PostgresOutbox(Outbox):
     def __init__(self, database: Database) -> None:
         self._db = database
+        # Who this sender is, to the other senders: only the taker of a delivery may keep it.
+        self._holder = secrets.token_hex(8)
 
     def owe(self, delivery: Delivery) -> None:
         with self._db.transaction("cannot owe a webhook") as connection:
@@ -31,9 +35,10 @@ class PostgresOutbox(Outbox):
             "WITH picked AS MATERIALIZED (SELECT id FROM llm_proxy_outbox"
             " WHERE state = 0 OR (state = 1 AND taken_until < now())"
             " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " UPDATE llm_proxy_outbox AS o SET state = 1, taken_until = now() + make_interval(secs => %s)"
+            " UPDATE llm_proxy_outbox AS o SET state = 1, taken_by = %s,"
+            " taken_until = now() + make_interval(secs => %s)"
             " FROM picked WHERE o.id = picked.id RETURNING o.id, o.request_id, o.owner, o.url, o.payload",
-            (limit, hold),
+            (limit, self._holder, hold),
         )
         owed = [
             OwedDelivery(int(id_), Delivery(request_id=rid, owner=owner, url=url, payload=payload))
@@ -41,14 +46,16 @@ class PostgresOutbox(Outbox):
         ]
         return sorted(owed, key=lambda o: o.ticket)
 
-    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
-        if owed:
-            self._db.execute(
-                "cannot keep webhook deliveries",
-                "UPDATE llm_proxy_outbox SET taken_until = now() + make_interval(secs => %s)"
-                " WHERE id = ANY(%s) AND state = 1",
-                (hold, [o.ticket for o in owed]),
-            )
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> set[int]:
+        if not owed:
+            return set()
+        rows = self._db.execute(
+            "cannot keep webhook deliveries",
+            "UPDATE llm_proxy_outbox SET taken_until = now() + make_interval(secs => %s)"
+            " WHERE id = ANY(%s) AND state = 1 AND taken_by = %s RETURNING id",
+            (hold, [o.ticket for o in owed], self._holder),
+        )
+        return {int(id_) for (id_,) in rows}
 
     def done(self, owed: OwedDelivery) -> None:
         self._db.execute(

@@ -173,12 +173,21 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN json_build_object('free', free, 'rates', rates, 'candidates', candidates);
     END $$;
     """,
+    # Who took a webhook delivery: only that sender may keep it, so a sender cut off for longer
+    # than its hold learns that it lost the delivery instead of both senders keeping it.
+    """
+    ALTER TABLE llm_proxy_outbox ADD COLUMN taken_by text;
+    """,
 )
 
 
 def migrate(database: Database) -> int:
     """Bring the schema to the newest version; returns it. Safe to run from many processes at once."""
     with database.transaction("cannot set up the database schema") as connection:
+        # A migration may rewrite a large table, and other processes starting meanwhile wait for
+        # it here: the pool's per-statement limit (meant for requests) would cancel both, and each
+        # start would try again and fail the same way.
+        connection.execute("SET LOCAL statement_timeout = 0")
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         connection.execute("CREATE TABLE IF NOT EXISTS llm_proxy_schema (version integer NOT NULL)")
         row = connection.execute("SELECT version FROM llm_proxy_schema").fetchone()

@@ -43,8 +43,9 @@ class SqliteOutbox(Outbox):
             owed.append(OwedDelivery(claim.ticket, delivery))
         return owed
 
-    def keep(self, owed: list[OwedDelivery], *, hold: float) -> None:
-        """Nothing to extend: see ``take``."""
+    def keep(self, owed: list[OwedDelivery], *, hold: float) -> set[int]:
+        """Nothing to extend, and nobody to lose a delivery to: see ``take``."""
+        return {o.ticket for o in owed}
 
     def done(self, owed: OwedDelivery) -> None:
         claim = self._taken.get(owed.ticket)
