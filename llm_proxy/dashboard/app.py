@@ -18,12 +18,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from bottle import Bottle, HTTPResponse, SimpleTemplate, request
 
 from llm_proxy.api.auth import KeyChecker, owner_of
-from llm_proxy.api.http import SECURITY_HEADERS, StartResponse, WSGIApp, json_response
+from llm_proxy.api.http import (
+    SECURITY_HEADERS,
+    BadLength,
+    BodyTooLarge,
+    StartResponse,
+    UnreadableBody,
+    WSGIApp,
+    json_response,
+    read_body,
+)
 from llm_proxy.api.service import Ended, RequestService
 from llm_proxy.dashboard import views
 from llm_proxy.dashboard.sessions import (
@@ -52,6 +61,12 @@ SUMMARY_SECONDS = 2.0
 """How long an owner's summary is reused: many open tabs polling cost one read per interval."""
 POLL_SECONDS = 3
 HOUR_MS = 3_600_000
+FORM_LIMIT = 8192
+"""The largest form body a dashboard POST reads (its forms hold a key or a CSRF token): the body
+is read before anything else is known of the client, so it is refused beyond this, never stored."""
+FORM_FIELDS = 20
+CURSOR_DIGITS = 16
+"""A cursor's time is milliseconds since the epoch (13 digits for millennia to come)."""
 REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 # Pages load our own stylesheet and script only; the chart is inline SVG (markup, not an image).
@@ -74,8 +89,10 @@ def _valid_id(request_id: str) -> bool:
 
 
 def _cursor(raw: str | None) -> tuple[int, str] | None:
+    """The paging cursor ``<submitted_at>.<request_id>``; None (the newest page) for anything else.
+    ASCII digits only: ``str.isdigit`` is true of others (``"²"``) that ``int`` refuses."""
     at, _, request_id = (raw or "").partition(".")
-    if not at.isdigit() or not _valid_id(request_id):
+    if not (at.isascii() and at.isdigit() and len(at) <= CURSOR_DIGITS) or not _valid_id(request_id):
         return None
     return int(at), request_id
 
@@ -143,18 +160,46 @@ class Dashboard:
         reply.set_header("Retry-After", "5")
         return reply
 
-    def _checked_post(self) -> Session | HTTPResponse:
-        """The session of a state-changing request that passes every cross-site check."""
+    def _form(self) -> dict[str, str] | HTTPResponse:
+        """The fields of a POST's urlencoded form (the first value of each), read with a bound:
+        Bottle's ``request.forms`` would read any body in full (a chunked one to a temporary file)
+        before a check could refuse it."""
+        try:
+            raw = read_body(request.environ, FORM_LIMIT)
+        except BodyTooLarge:
+            reply = self.render("message", 413, title="Too large", message="That form is too large.")
+            reply.set_header("Connection", "close")
+            return reply
+        except BadLength:
+            return self.render("message", 400, title="Bad request", message="Invalid Content-Length.")
+        except UnreadableBody as exc:
+            reply = self.render("message", exc.status, title="Bad request", message=exc.message)
+            reply.set_header("Connection", "close")
+            return reply
+        kind = str(request.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            return {}
+        try:
+            fields = parse_qs(raw.decode("ascii", "replace"), max_num_fields=FORM_FIELDS)
+        except ValueError:
+            return self.render("message", 400, title="Bad request", message="That form has too many fields.")
+        return {name: values[0] for name, values in fields.items() if values}
+
+    def _checked_post(self) -> tuple[Session, dict[str, str]] | HTTPResponse:
+        """The session and form of a state-changing request that passes every cross-site check."""
         if not same_origin(request.environ):
             return self._refused("This action must come from the dashboard's own pages.")
         session = self.session()
         if session is None:
             return self._refused("Sign in first.")
-        if not self._sessions.csrf_ok(session, request.forms.get("csrf")):
+        form = self._form()
+        if isinstance(form, HTTPResponse):
+            return form
+        if not self._sessions.csrf_ok(session, form.get("csrf")):
             return self._refused(
                 "This form is out of date or did not come from the dashboard; reload the page."
             )
-        return session
+        return session, form
 
     def _summary(self, owner: str) -> Summary:
         now = time.monotonic()
@@ -241,7 +286,10 @@ class Dashboard:
                 reply = self.render("sign_in", 429, title="Sign in", failed=True, wait=int(wait + 0.999))
                 reply.set_header("Retry-After", str(int(wait + 0.999)))
                 return reply
-            presented = request.forms.get("api_key") or ""
+            form = self._form()
+            if isinstance(form, HTTPResponse):
+                return form
+            presented = form.get("api_key") or ""
             owner = self._keys.owner(presented.strip())
             if owner is None:
                 self._throttle.failed(address)
@@ -331,8 +379,8 @@ class Dashboard:
                     "message", 404, title="Not found", message="No request of yours has that id."
                 )
             try:
-                # The same path as DELETE /v1/chat/completions/<id>.
-                result = self._service.cancel(checked.owner, request_id)
+                # The same path as DELETE /v1/<endpoint>/<id>.
+                result = self._service.cancel(checked[0].owner, request_id)
             except StorageUnavailable as exc:
                 return self._unavailable(exc)
             if result is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -105,13 +106,36 @@ def same_origin(environ: Mapping[str, Any]) -> bool:
     return str(origin).lower() == own_origin(environ)
 
 
+PROXY_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "::1/128", "fc00::/7")
+)
+"""Private (RFC 1918, unique local) and loopback addresses: where a proxy of ours calls from.
+Listed rather than ``is_private``, which also counts documentation and other reserved ranges."""
+
+
+def _behind_proxy(peer: str) -> bool:
+    """Whether the socket's peer is a proxy of ours: a private or loopback address (Heroku's
+    router, a reverse proxy on the same host or network). A client on the internet is neither."""
+    try:
+        address = ipaddress.ip_address(peer.strip())
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in PROXY_NETWORKS)
+
+
 def client_address(environ: Mapping[str, Any]) -> str:
-    """The client as the nearest proxy saw it: the last ``X-Forwarded-For`` entry (Heroku's router
-    appends the address it was called from), else the socket's peer."""
+    """The client as the nearest proxy saw it: behind a proxy of ours (``_behind_proxy``), the last
+    ``X-Forwarded-For`` entry (Heroku's router appends the address it was called from); else the
+    socket's peer. A client reaching the service directly chooses its own ``X-Forwarded-For``, so
+    it is not believed then: a new value per attempt would escape the sign-in throttle."""
+    peer = str(environ.get("REMOTE_ADDR") or "")
     forwarded = str(environ.get("HTTP_X_FORWARDED_FOR") or "")
-    if forwarded.strip():
-        return forwarded.split(",")[-1].strip()[:64]
-    return str(environ.get("REMOTE_ADDR") or "unknown")
+    if forwarded.strip() and _behind_proxy(peer):
+        return forwarded.split(",")[-1].strip()[:64] or peer
+    return peer[:64] or "unknown"
 
 
 class SignInThrottle:

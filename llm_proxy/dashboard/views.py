@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llm_proxy.domain.endpoints import Endpoint, endpoint_of
 from llm_proxy.domain.listing import Listed, Summary
 from llm_proxy.domain.status import StatusEntry
 
@@ -45,6 +46,7 @@ def row(listed: Listed, now_ms: int) -> dict[str, Any]:
     return {
         "id": listed.request_id,
         "status": listed.status.value,
+        "endpoint": listed.endpoint,
         "model": listed.model or "",
         "submitted": when(listed.submitted_at),
         "duration": seconds(listed.duration_ms(now_ms)),
@@ -144,6 +146,10 @@ def rate_limit_rows(
     return rows
 
 
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+"""The part types that carry ``text``: chat's, and the Responses API's input and output."""
+
+
 def _text(content: Any) -> str:
     """A message's content: text, or the text parts of a list of parts (images named, not shown)."""
     if isinstance(content, str):
@@ -151,8 +157,10 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
                 parts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") == "refusal":
+                parts.append(f"[refusal] {part.get('refusal', '')}")
             elif isinstance(part, dict):
                 parts.append(f"[{part.get('type', 'part')}]")
         return "\n".join(parts)
@@ -168,30 +176,115 @@ def _loaded(text: str | None) -> Any:
         return None
 
 
+def _prompt(value: Any) -> str:
+    """An ``input`` (embeddings) or ``prompt`` (completions): text, texts, or token ids."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return "\n---\n".join(value)
+    return "" if value is None else json.dumps(value)
+
+
+def _sent(endpoint: Endpoint, body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """What a request asked, as (role, content) messages."""
+    if endpoint is Endpoint.CHAT:
+        items = body.get("messages")
+        return [
+            {"role": str(m.get("role", "")), "content": _text(m.get("content"))}
+            for m in (items if isinstance(items, list) else [])
+            if isinstance(m, dict)
+        ]
+    if endpoint is Endpoint.COMPLETIONS:
+        return [{"role": "prompt", "content": _prompt(body["prompt"])}] if "prompt" in body else []
+    if endpoint is Endpoint.EMBEDDINGS:
+        return [{"role": "input", "content": _prompt(body["input"])}] if "input" in body else []
+    # The Responses API: instructions, then a text or a list of items (messages, tool outputs, ...).
+    sent = []
+    if body.get("instructions"):
+        sent.append({"role": "instructions", "content": _text(body["instructions"])})
+    given = body.get("input")
+    if isinstance(given, str):
+        sent.append({"role": "user", "content": given})
+    elif isinstance(given, list):
+        for item in given:
+            if isinstance(item, dict) and "content" in item:
+                sent.append({"role": str(item.get("role", "user")), "content": _text(item["content"])})
+            elif item is not None:
+                kind = item.get("type", "input") if isinstance(item, dict) else "input"
+                sent.append({"role": str(kind), "content": json.dumps(item, indent=2)})
+    return sent
+
+
+def _vectors(data: Any) -> str:
+    """Embeddings described, not shown: how many vectors, of how many dimensions."""
+    vectors = (
+        [item.get("embedding") for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+    )
+    lists = [vector for vector in vectors if isinstance(vector, list)]
+    dimensions = sorted({len(vector) for vector in lists})
+    described = f"{len(vectors)} vector{'' if len(vectors) == 1 else 's'}"
+    if dimensions:
+        described += f" of {', '.join(str(d) for d in dimensions)} dimensions"
+    if len(lists) < len(vectors):
+        described += " (base64-encoded)" if not lists else f" ({len(vectors) - len(lists)} base64-encoded)"
+    return described
+
+
+def _answered(endpoint: Endpoint, response: Any) -> list[dict[str, str]]:
+    """What the upstream answered, as (role, content) messages."""
+    if not isinstance(response, dict):
+        return []
+    if endpoint is Endpoint.EMBEDDINGS:
+        return (
+            [{"role": "embeddings", "content": _vectors(response.get("data"))}] if "data" in response else []
+        )
+    if endpoint is Endpoint.RESPONSES:
+        answers = []
+        output = response.get("output")
+        for item in output if isinstance(output, list) else []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                answers.append(
+                    {"role": str(item.get("role", "assistant")), "content": _text(item.get("content"))}
+                )
+            elif item.get("type") != "reasoning":
+                # Tool calls and the like: as sent, they are the answer.
+                answers.append(
+                    {"role": str(item.get("type", "output")), "content": json.dumps(item, indent=2)}
+                )
+        return answers
+    answers = []
+    choices = response.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        if endpoint is Endpoint.COMPLETIONS:
+            answers.append({"role": "completion", "content": _prompt(choice.get("text"))})
+            continue
+        message = choice.get("message", {})
+        if isinstance(message, dict):
+            text = _text(message.get("content"))
+            if message.get("tool_calls"):
+                text = (text + "\n" if text else "") + json.dumps(message["tool_calls"], indent=2)
+            answers.append({"role": str(message.get("role", "assistant")), "content": text})
+    return answers
+
+
 def detail(request_id: str, entry: StatusEntry, position: int | None, now_ms: int) -> dict[str, Any]:
+    endpoint = endpoint_of(request_id)
     body = _loaded(entry.request_json)
     body = body if isinstance(body, dict) else {}
-    messages = [
-        {"role": str(m.get("role", "")), "content": _text(m.get("content"))}
-        for m in body.get("messages", [])
-        if isinstance(m, dict)
-    ]
+    messages = _sent(endpoint, body)
     response = _loaded(entry.response_json)
-    answers = []
-    if isinstance(response, dict):
-        for choice in response.get("choices", []) or []:
-            message = choice.get("message", {}) if isinstance(choice, dict) else {}
-            if isinstance(message, dict):
-                text = _text(message.get("content"))
-                if message.get("tool_calls"):
-                    text = (text + "\n" if text else "") + json.dumps(message["tool_calls"], indent=2)
-                answers.append({"role": str(message.get("role", "assistant")), "content": text})
+    answers = _answered(endpoint, response)
     error = entry.error or {}
     webhook = entry.webhook
     submitted = entry.submitted_at if entry.submitted_at is not None else None
     return {
         "id": request_id,
         "status": entry.status.value,
+        "endpoint": endpoint.path,
         "model": str(body.get("model", "")),
         "submitted": when(submitted),
         "changed": when(entry.timestamp),

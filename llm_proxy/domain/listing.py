@@ -7,11 +7,36 @@ import functools
 import json
 from dataclasses import dataclass
 
+from llm_proxy.domain.endpoints import Endpoint, endpoint_of
 from llm_proxy.domain.status import Status, StatusEntry
 
-CHAT_COMPLETIONS = "/v1/chat/completions"
-ENDPOINTS: tuple[str, ...] = (CHAT_COMPLETIONS,)
-"""The endpoints whose requests are queued (and so listed)."""
+CHAT_COMPLETIONS = Endpoint.CHAT.path
+ENDPOINTS: tuple[str, ...] = tuple(endpoint.path for endpoint in Endpoint)
+"""The endpoints whose requests are queued (and so listed), as listed: their paths."""
+
+
+def listed_endpoint(request_id: str) -> str:
+    """The endpoint a request is listed under: its id's (``endpoint_of``), as a path."""
+    return endpoint_of(request_id).path
+
+
+def id_condition(path: str) -> str:
+    """An SQL condition (the same for both back ends) true of the rows whose ``request_id`` was
+    issued for the endpoint at ``path``: read from the id's prefix as ``endpoint_of`` reads it, so
+    that rows indexed before the endpoint was recorded are selected too. False for other paths."""
+    wanted = next((endpoint for endpoint in Endpoint if endpoint.path == path), None)
+    if wanted is None:
+        return "1 = 0"
+
+    def prefixed(endpoint: Endpoint) -> str:
+        # The prefixes are constants of ``Endpoint`` (letters and underscores): safe to inline.
+        return f"substr(request_id, 1, {len(endpoint.prefix)}) = '{endpoint.prefix}'"
+
+    if wanted is Endpoint.CHAT:
+        # Chat is every id without another endpoint's prefix, as ``endpoint_of`` has it.
+        return "NOT (" + " OR ".join(prefixed(e) for e in Endpoint if e is not Endpoint.CHAT) + ")"
+    return prefixed(wanted)
+
 
 RECENT_LATENCIES = 1000
 """Upstream latency percentiles are computed over at most this many of the latest calls."""
@@ -61,6 +86,7 @@ class Listed:
             status=entry.status,
             # Entries stored before ``submitted_at`` existed: their latest change is the best guess.
             submitted_at=entry.submitted_at if entry.submitted_at is not None else entry.timestamp,
+            endpoint=listed_endpoint(request_id),
             model=model_of(entry.request_json),
             attempts=entry.attempts_made,
             error_type=None if error_type is None else str(error_type)[:100],

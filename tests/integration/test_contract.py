@@ -410,6 +410,45 @@ def test_the_index_lists_an_owners_requests_newest_first_as_they_change(backend:
     assert listed_ids(backend, endpoint="/v1/embeddings") == []
 
 
+def test_the_index_lists_each_endpoint_from_the_request_id(backend: Backend) -> None:
+    prefixes = {
+        "/v1/chat/completions": "chatreq_",
+        "/v1/embeddings": "embreq_",
+        "/v1/responses": "respreq_",
+        "/v1/completions": "cmplreq_",
+    }
+    ids = {path: f"{prefix}{n:020d}" for n, (path, prefix) in enumerate(prefixes.items())}
+    for n, request_id in enumerate(ids.values()):
+        backend.queue.put(
+            Job(request_id=request_id, body={"model": "m"}, owner="o", submitted_at=1_000_000 + n)
+        )
+    newest_first = list(ids.values())[::-1]
+    # Waiting (Postgres: jobs without a status yet)...
+    assert [(row.request_id, row.endpoint) for row in backend.requests.list_for("o")] == [
+        (request_id, path) for path, request_id in reversed(ids.items())
+    ]
+    for path, request_id in ids.items():
+        assert listed_ids(backend, endpoint=path) == [request_id]
+        assert listed_ids(backend, endpoint=path, status=Status.PENDING) == [request_id]
+    assert listed_ids(backend, endpoint="/v1/unknown") == []
+    # ... and with a status.
+    for _ in ids:
+        [held] = claim(backend.queue)
+        final = StatusEntry(
+            status=Status.COMPLETED,
+            request_json=held.job.body_json,
+            owner="o",
+            timestamp=2_000_000,
+            submitted_at=held.job.submitted_at,
+        )
+        assert backend.finish(held.job.request_id, final, ttl=60, claim=held)
+    assert listed_ids(backend, status=Status.COMPLETED) == newest_first
+    for path, request_id in ids.items():
+        [row] = backend.requests.list_for("o", endpoint=path)
+        assert (row.request_id, row.endpoint, row.status) == (request_id, path, Status.COMPLETED)
+        assert listed_ids(backend, endpoint=path, status=Status.PENDING) == []
+
+
 def test_the_index_pages_through_many_requests_by_cursor(backend: Backend) -> None:
     for n in range(120):
         backend.queue.put(submitted(n, model=f"m{n % 3}"))

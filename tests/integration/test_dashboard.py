@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from webtest import TestApp
+from webtest import TestApp, TestRequest
 
 from conftest import API_KEY
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
@@ -33,7 +36,9 @@ class Dash:
             throttle=SignInThrottle(free=2, longest=60),
             sessions=self.sessions,
         )
-        self.app = TestApp(with_dashboard(web.app.app, dashboard.wsgi()), extra_environ={"HTTP_HOST": HOST})
+        # Reached through a proxy of ours (as Heroku's router): its X-Forwarded-For is believed.
+        self.wsgi = with_dashboard(web.app.app, dashboard.wsgi())
+        self.app = TestApp(self.wsgi, extra_environ={"HTTP_HOST": HOST, "REMOTE_ADDR": "10.1.2.3"})
 
     def sign_in(self, key: str = API_KEY, **headers: str) -> Any:
         return self.app.post(
@@ -214,3 +219,150 @@ def test_the_requests_page_filters_and_pages_by_cursor(dash: Dash) -> None:
     assert dash.app.get("/dashboard/api/requests", {"status": "error"}).json["rows"] == []
     pending = dash.app.get("/dashboard/api/requests", {"status": "pending"}).json["rows"]
     assert len(pending) == 50 and pending[0]["model"] == "gpt-test"
+
+
+ENDPOINT_BODIES = {
+    "/v1/chat/completions": {"model": "gpt-test", "messages": [{"role": "user", "content": "chat with me"}]},
+    "/v1/embeddings": {"model": "embed-test", "input": "embed this text"},
+    "/v1/responses": {"model": "gpt-test", "input": "ask the responses api"},
+    "/v1/completions": {"model": "gpt-test", "prompt": "complete this prompt"},
+}
+ANSWERS = {
+    "/v1/chat/completions": {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "chat answer"}}]
+    },
+    "/v1/embeddings": {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": [0.123456] * 8} for i in range(2)],
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    },
+    "/v1/responses": {
+        "object": "response",
+        "status": "completed",
+        "output": [
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "the responses answer", "annotations": []}],
+            },
+        ],
+    },
+    "/v1/completions": {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "the completion text"}],
+    },
+}
+SHOWN = {
+    "/v1/chat/completions": ("chat with me", "chat answer"),
+    "/v1/embeddings": ("embed this text", "2 vectors of 8 dimensions"),
+    "/v1/responses": ("ask the responses api", "the responses answer"),
+    "/v1/completions": ("complete this prompt", "the completion text"),
+}
+
+
+def test_each_endpoints_requests_are_listed_filtered_and_shown(dash: Dash) -> None:
+    ids = {
+        path: str(
+            dash.web.app.post(
+                path,
+                json.dumps(body),
+                headers={"X-API-Key": API_KEY},
+                content_type="application/json",
+                status=202,
+            ).json["request_id"]
+        )
+        for path, body in ENDPOINT_BODIES.items()
+    }
+    dash.sign_in()
+    listed = dash.app.get("/dashboard/api/requests").json
+    assert {row["id"]: row["endpoint"] for row in listed["rows"]} == {i: path for path, i in ids.items()}
+    assert listed["endpoints"] == list(ENDPOINT_BODIES)
+    for path, request_id in ids.items():
+        filtered = dash.app.get("/dashboard/api/requests", {"endpoint": path}).json
+        assert [row["id"] for row in filtered["rows"]] == [request_id]
+        assert filtered["endpoint_filter"] == path
+    assert '<option value="/v1/embeddings"' in dash.app.get("/dashboard/requests").text
+    # Each one's question and answer on its page (the vectors counted, not shown).
+    for path, request_id in ids.items():
+        found = dash.web.service.lookup(request_id)
+        assert found is not None
+        done = found.entry.replace(status=Status.COMPLETED, response_json=json.dumps(ANSWERS[path]))
+        dash.web.statuses.put(request_id, done, ttl=60)
+        page = dash.app.get(f"/dashboard/requests/{request_id}").text
+        asked, answered = SHOWN[path]
+        assert asked in page and answered in page and f"<dd>{path}</dd>" in page
+        assert "0.123456" not in page
+    assert [
+        row["id"]
+        for row in dash.app.get("/dashboard/api/requests", {"endpoint": "/v1/responses"}).json["rows"]
+    ] == [ids["/v1/responses"]]
+
+
+@pytest.mark.parametrize(
+    "cursor", ["\u00b2.chatreq_0123456789abcdef", "1" * 40 + ".chatreq_0123456789abcdef", "-1.x"]
+)
+def test_a_bad_paging_cursor_shows_the_newest_page(dash: Dash, cursor: str) -> None:
+    request_id = dash.submit()
+    dash.sign_in()
+    # Raw bytes: Bottle reads a query as Latin-1, where %B2 is "²" (isdigit() true, int() refuses).
+    query = "before=" + quote(cursor, encoding="latin-1")
+    assert [row["id"] for row in dash.app.get(f"/dashboard/api/requests?{query}").json["rows"]] == [
+        request_id
+    ]
+    page = dash.app.get(f"/dashboard/requests?{query}")
+    assert request_id in page.text
+
+
+def chunked(data: bytes, size: int = 4096) -> bytes:
+    framed = b"".join(
+        b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size]) for i in range(0, len(data), size)
+    )
+    return framed + b"0\r\n\r\n"
+
+
+def test_dashboard_posts_refuse_large_bodies_before_reading_them(dash: Dash) -> None:
+    big = b"api_key=" + b"k" * 50_000  # over the limit, under Bottle's own (100 KiB)
+    form = "application/x-www-form-urlencoded"
+    # A declared length over the limit: refused unread.
+    dash.app.post("/dashboard/sign-in", big, headers={"Origin": ORIGIN}, content_type=form, status=413)
+    # A chunked one: read up to the limit only.
+    request = TestRequest.blank(
+        "/dashboard/sign-in",
+        method="POST",
+        headers={"Origin": ORIGIN, "Host": HOST, "Transfer-Encoding": "chunked"},
+        content_type="application/x-www-form-urlencoded",
+    )
+    request.environ["wsgi.input"] = io.BytesIO(chunked(big))
+    request.environ.pop("CONTENT_LENGTH", None)
+    request.environ["REMOTE_ADDR"] = "10.1.2.3"
+    assert request.get_response(dash.wsgi).status_int == 413
+    # Signed in, the other POSTs are bounded alike; small forms still work.
+    assert dash.sign_in().status_int == 303
+    token = dash.csrf()
+    request_id = dash.submit()
+    cancel = f"/dashboard/requests/{request_id}/cancel"
+    padded = f"csrf={token}&pad=".encode() + b"p" * 50_000
+    dash.app.post(cancel, padded, headers={"Origin": ORIGIN}, content_type=form, status=413)
+    dash.app.post("/dashboard/sign-out", padded, headers={"Origin": ORIGIN}, content_type=form, status=413)
+    assert dash.web.service.lookup(request_id).entry.status is Status.PENDING  # type: ignore[union-attr]
+    dash.app.post(cancel, {"csrf": token}, headers={"Origin": ORIGIN}, status=303)
+    assert dash.web.service.lookup(request_id).entry.status is Status.CANCELLED  # type: ignore[union-attr]
+
+
+def test_a_direct_client_cannot_escape_the_throttle_by_forging_x_forwarded_for(dash: Dash) -> None:
+    def attempt(n: int, peer: str) -> int:
+        reply = dash.app.post(
+            "/dashboard/sign-in",
+            {"api_key": "wrong-key"},
+            headers={"Origin": ORIGIN, "X-Forwarded-For": f"198.51.100.{n}"},
+            extra_environ={"REMOTE_ADDR": peer},
+            status="*",
+        )
+        return int(reply.status_int)
+
+    # Reached directly from the internet: keyed on the socket's peer, whatever the header says.
+    assert [attempt(n, "203.0.113.7") for n in range(3)] == [401, 401, 429]
+    # Through a proxy of ours (private or loopback peer): each forwarded client on its own.
+    assert [attempt(n, "127.0.0.1") for n in range(3)] == [401, 401, 401]
+    assert [attempt(n, "10.0.0.5") for n in range(3, 6)] == [401, 401, 401]

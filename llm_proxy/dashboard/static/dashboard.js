@@ -33,6 +33,7 @@
       badge.textContent = r.status;
       status.appendChild(badge);
       tr.appendChild(status);
+      tr.appendChild(cell(r.endpoint));
       tr.appendChild(cell(r.model));
       tr.appendChild(cell(r.submitted, "when"));
       tr.appendChild(cell(r.duration, "num"));

@@ -6,6 +6,7 @@
 % end
 <dl class="facts">
   <div><dt>Status</dt><dd><span class="badge {{status}}">{{status}}</span>{{' (place %d in line)' % position if position else ''}}</dd></div>
+  <div><dt>Endpoint</dt><dd>{{endpoint}}</dd></div>
   <div><dt>Model</dt><dd>{{model}}</dd></div>
   <div><dt>Submitted</dt><dd>{{submitted}}</dd></div>
   <div><dt>Last change</dt><dd>{{changed}}</dd></div>

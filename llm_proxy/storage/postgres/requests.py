@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from llm_proxy.domain.listing import RECENT_LATENCIES, Listed, Summary
+from llm_proxy.domain.listing import RECENT_LATENCIES, Listed, Summary, id_condition, listed_endpoint
 from llm_proxy.domain.status import Status, StatusEntry, WebhookState
 from llm_proxy.storage.base import RequestIndex
 from llm_proxy.storage.postgres.database import Database
@@ -34,7 +34,9 @@ def listing_json(entry: StatusEntry) -> str:
             "status": listed.status.value,
             # Unknown for entries written without it (a cancel's): the statement takes the job's.
             "submitted_at": entry.submitted_at,
-            "endpoint": listed.endpoint,
+            # The endpoint is the request id's (``endpoint_of``), which an entry does not carry:
+            # the index reads and filters it from the id, and leaves the column empty.
+            "endpoint": None,
             "model": listed.model,
             "attempts": listed.attempts,
             "error_type": listed.error_type,
@@ -70,7 +72,7 @@ SELECT * FROM (
         AND (submitted_at, request_id) < (%(at)s, %(id)s)
      ORDER BY submitted_at DESC, request_id DESC LIMIT %(limit)s)
     UNION ALL
-    (SELECT request_id, owner, submitted_at, 'pending', '/v1/chat/completions', body::json ->> 'model', 0,
+    (SELECT request_id, owner, submitted_at, 'pending', NULL, body::json ->> 'model', 0,
         NULL, NULL, NULL, NULL
      FROM llm_proxy_jobs AS j
      WHERE owner = %(owner)s AND state < 3 AND {{pending_filter}}
@@ -114,14 +116,16 @@ class PostgresRequestIndex(RequestIndex):
         at, request_id = before or _NEWEST
         args: dict[str, object] = {"owner": owner, "at": at, "id": request_id, "limit": limit}
         args["status"] = status.value if status is not None else None
-        args["endpoint"] = endpoint
         sql = _LIST.format(
             status_filter="true" if status is None else "status = %(status)s",
-            endpoint_filter="true" if endpoint is None else "endpoint = %(endpoint)s",
-            # A waiting job without a status is pending, and every one is a chat completion.
-            pending_filter="true"
-            if status in (None, Status.PENDING) and endpoint in (None, "/v1/chat/completions")
-            else "false",
+            # Both from the id: rows written before it was recorded carry a wrong or no endpoint.
+            endpoint_filter="true" if endpoint is None else id_condition(endpoint),
+            # A waiting job without a status is pending.
+            pending_filter="false"
+            if status not in (None, Status.PENDING)
+            else "true"
+            if endpoint is None
+            else id_condition(endpoint),
         )
         rows = self._db.execute("cannot read the request index", sql, args)
         return [
@@ -130,7 +134,7 @@ class PostgresRequestIndex(RequestIndex):
                 owner=row[1],
                 submitted_at=int(row[2] or 0),
                 status=Status(row[3]),
-                endpoint=row[4] or "/v1/chat/completions",
+                endpoint=listed_endpoint(row[0]),
                 model=row[5],
                 attempts=int(row[6] or 0),
                 error_type=row[7],

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from llm_proxy.domain.job import Job
-from llm_proxy.domain.listing import CHAT_COMPLETIONS, RECENT_LATENCIES, Listed, Summary, model_of
+from llm_proxy.domain.listing import (
+    RECENT_LATENCIES,
+    Listed,
+    Summary,
+    id_condition,
+    listed_endpoint,
+    model_of,
+)
 from llm_proxy.domain.status import Status, StatusEntry, WebhookState
 from llm_proxy.storage.base import RequestIndex, StorageUnavailable
 from llm_proxy.storage.sqlite.transactions import BUSY_WAIT, OPEN_TIMEOUT, PATIENCE, immediate, retrying
@@ -86,7 +93,8 @@ def _listed(row: tuple[Any, ...]) -> Listed:
         owner=row[1],
         submitted_at=int(row[2]),
         status=Status(row[3]),
-        endpoint=row[4],
+        # From the id: rows written before it was recorded say chat for every endpoint.
+        endpoint=listed_endpoint(row[0]),
         model=row[5],
         attempts=int(row[6]),
         error_type=row[7],
@@ -112,7 +120,7 @@ def submitted(connection: sqlite3.Connection, job: Job) -> None:
             job.request_id,
             job.owner,
             job.submitted_at,
-            CHAT_COMPLETIONS,
+            listed_endpoint(job.request_id),
             model_of(job.body_json),
             job.submitted_at,
         ),
@@ -167,8 +175,7 @@ class SqliteRequestIndex(RequestIndex):
             where.append("status = :status")
             args["status"] = status.value
         if endpoint is not None:
-            where.append("endpoint = :endpoint")
-            args["endpoint"] = endpoint
+            where.append(id_condition(endpoint))
         if before is not None:
             where.append("(submitted_at, request_id) < (:at, :id)")
             args["at"], args["id"] = before
