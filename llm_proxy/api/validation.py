@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +28,9 @@ from voluptuous import (
 from llm_proxy.domain.endpoints import Endpoint
 
 ROLES = ("system", "user", "assistant", "function", "tool", "developer")
+MAX_COUNT = 2**31 - 1
+"""The largest ``max_tokens`` / ``n`` accepted: beyond any model, and small enough for every count
+kept of it (a float, a Postgres integer)."""
 
 
 class BodyError(Exception):
@@ -63,6 +67,19 @@ def _non_empty_string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid("expected a non-empty string")
     return value
+
+
+def _model(value: Any) -> str:
+    # The model is stored in a text column (Postgres refuses NUL) and keys shared rate-limit state.
+    name = _non_empty_string(value)
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise Invalid("must not contain control characters")
+    return name
+
+
+def _count(minimum: int) -> Any:
+    """An optional integer from ``minimum`` to MAX_COUNT."""
+    return _optional(_integer, Range(min=minimum, max=MAX_COUNT))
 
 
 def _boolean(value: Any) -> bool:
@@ -183,16 +200,16 @@ def _messages(value: Any) -> list[Any]:
 
 CHAT_COMPLETION = Schema(
     {
-        Required("model"): _non_empty_string,
+        Required("model"): _model,
         Required("messages"): _messages,
         "temperature": _optional(_number, Range(min=0, max=2)),
-        "max_tokens": _optional(_integer, Range(min=1)),
-        "max_completion_tokens": _optional(_integer, Range(min=1)),
+        "max_tokens": _count(1),
+        "max_completion_tokens": _count(1),
         "stream": _optional(_boolean),
         "presence_penalty": _optional(_number, Range(min=-2, max=2)),
         "frequency_penalty": _optional(_number, Range(min=-2, max=2)),
         "top_p": _optional(_number, Range(min=0, max=1)),
-        "n": _optional(_integer, Range(min=1)),
+        "n": _count(1),
         "stop": _stop,
         "functions": _optional(_list_of_objects, Length(min=1)),
         "function_call": _optional(_string_or_object),
@@ -292,7 +309,7 @@ def _not_background(value: Any) -> Any:
 
 EMBEDDING = Schema(
     {
-        Required("model"): _non_empty_string,
+        Required("model"): _model,
         Required("input"): _texts_or_tokens,
         "dimensions": _optional(_integer, Range(min=1)),
         "encoding_format": _optional(_string),
@@ -303,14 +320,14 @@ EMBEDDING = Schema(
 
 RESPONSE = Schema(
     {
-        Required("model"): _non_empty_string,
+        Required("model"): _model,
         Required("input"): _response_input,
         "stream": _optional(_boolean),
         "background": _not_background,
         "store": _optional(_boolean),
         "temperature": _optional(_number, Range(min=0, max=2)),
         "top_p": _optional(_number, Range(min=0, max=1)),
-        "max_output_tokens": _optional(_integer, Range(min=1)),
+        "max_output_tokens": _count(1),
         "instructions": _optional(_string),
         "tools": _optional(_list_of_objects),
         "webhookUrl": _optional(webhook_url),
@@ -320,13 +337,13 @@ RESPONSE = Schema(
 
 TEXT_COMPLETION = Schema(
     {
-        Required("model"): _non_empty_string,
+        Required("model"): _model,
         Required("prompt"): _texts_or_tokens,
         "stream": _optional(_boolean),
         "temperature": _optional(_number, Range(min=0, max=2)),
         "top_p": _optional(_number, Range(min=0, max=1)),
-        "max_tokens": _optional(_integer, Range(min=0)),
-        "n": _optional(_integer, Range(min=1)),
+        "max_tokens": _count(0),
+        "n": _count(1),
         "stop": _stop,
         "presence_penalty": _optional(_number, Range(min=-2, max=2)),
         "frequency_penalty": _optional(_number, Range(min=-2, max=2)),

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from llm_proxy.ratelimit.headers import RateReport
+from llm_proxy.ratelimit.tokens import MAX_TOKENS
 
 GLOBAL = "*"
 """The key of MAX_RPM / MAX_TPM, counted over every model."""
@@ -37,6 +38,10 @@ key, and answers still on their way, do not run the budget into zero."""
 DEFAULT_COOLDOWN = 1.0
 """Pause after a 429 that says neither when to retry nor which budget is exhausted."""
 MAX_COOLDOWN = 3600.0
+"""The longest pause after a 429, and the furthest reset of a budget believed."""
+STALE = WINDOW
+"""A reported budget that says neither its limit nor its reset binds no longer than this after
+it was last known (else, with no call admitted, no new report would ever come to lift it)."""
 
 
 @dataclass(frozen=True)
@@ -133,23 +138,35 @@ def _step(t: float) -> float:
     return math.ceil(t / STEP) * STEP
 
 
+def _known(limit: int | None) -> int | None:
+    """A limit that says how a budget refills (a limit <= 0, as a state stored before may hold,
+    says nothing and would be divided by)."""
+    return limit if limit is not None and limit > 0 else None
+
+
 def _level(
     level: float | None, limit: int | None, reset_at: float | None, since: float, now: float
 ) -> float | None:
-    """A budget reported at ``since`` as it stands at ``now``: refilled at limit / 60 per second."""
+    """A budget reported at ``since`` as it stands at ``now``: refilled at limit / 60 per second;
+    None (unknown: it binds nothing) once its reset is past, or, when neither its limit nor its
+    reset is known, once it is older than STALE."""
     if level is None:
         return None
+    limit = _known(limit)
     if limit is not None:
+        # Never more than one whole budget in debt (each call costs at most the limit).
+        level = max(level, -float(limit))
         return min(float(limit), level + limit / WINDOW * max(0.0, now - since))
-    if reset_at is not None and now >= reset_at:
-        return None
-    return level
+    if reset_at is not None:
+        return None if now >= reset_at else level
+    return None if now - since > STALE else level
 
 
 def _budget_wait(
     level: float | None, limit: int | None, reset_at: float | None, need: float, now: float
 ) -> float:
     """Seconds until a budget at ``level`` (now) holds ``need`` above its reserve."""
+    limit = _known(limit)
     if level is None:
         return 0.0
     if limit is None:
@@ -177,11 +194,45 @@ class Book:
     def load(cls, policy: RatePolicy, stored: Mapping[str, str]) -> Book:
         return cls(policy, {key: ModelState.from_json(text) for key, text in stored.items()})
 
-    def dump(self) -> dict[str, str]:
-        """The states changed since this book was made or last dumped."""
-        changed = {key: self.states[key].to_json() for key in self.changed if key in self.states}
+    def dump(self, now: float | None = None, *, sweep: bool = False) -> dict[str, str]:
+        """The states changed since this book was made or last dumped. Given ``now``, a state
+        with nothing worth sharing then (no report that still binds, no pause, no throttled time
+        still to count, no calls in its window) is dumped as ``{}`` and
+        dropped from the book, so that a store can forget the model; ``sweep``: every such state
+        of the book, changed or not (for a book just loaded whole from its store)."""
+        keys = set(self.changed)
+        if now is not None and sweep:
+            keys.update(key for key, state in self.states.items() if state != ModelState())
+        dumped: dict[str, str] = {}
+        for key in keys:
+            state = self.states.get(key)
+            if state is None:
+                continue
+            if now is not None and not self._worth_sharing(key, state, now):
+                del self.states[key]
+                dumped[key] = "{}"
+            else:
+                dumped[key] = state.to_json()
         self.changed = set()
-        return changed
+        return dumped
+
+    def _worth_sharing(self, key: str, state: ModelState, now: float) -> bool:
+        if state.cooldown_until > now or state.throttled_through > now:
+            return True
+        # Calls in the window: a ceiling counts them, and the first report after them must not
+        # count the ones still on their way (``admitted``). Gone a window after the last one.
+        if (self.policy.adaptive or self.policy.ceiling(key).set) and any(
+            entry[0] > now - WINDOW - SLACK for entry in state.log
+        ):
+            return True
+        for level, limit, reset_at in (
+            (state.level_requests, state.limit_requests, state.reset_requests_at),
+            (state.level_tokens, state.limit_tokens, state.reset_tokens_at),
+        ):
+            left = _level(level, limit, reset_at, state.level_at, now)
+            if left is not None and (_known(limit) is None or left < float(limit or 0)):
+                return True
+        return False
 
     def _state(self, key: str) -> ModelState:
         state = self.states.get(key)
@@ -193,6 +244,15 @@ class Book:
 
     def _keys(self, model: str) -> tuple[str, ...]:
         return (GLOBAL, model) if self.policy.total.set else (model,)
+
+    def cost(self, model: str, tokens: int) -> int:
+        """What a call estimated at ``tokens`` counts for: at most MAX_TOKENS, and at most the
+        model's reported token limit (the upstream takes or refuses a call bigger than its whole
+        budget; it must not put the budget hours into debt for every caller of the model)."""
+        cost = max(0, min(int(tokens), MAX_TOKENS))
+        state = self.states.get(model)
+        limit = None if state is None else _known(state.limit_tokens)
+        return cost if limit is None else min(cost, limit)
 
     def _ceiling_wait(self, key: str, tokens: int, now: float) -> float:
         ceiling = self.policy.ceiling(key)
@@ -241,6 +301,7 @@ class Book:
 
     def wait(self, model: str, tokens: int, now: float) -> float:
         """Seconds until a call of ``model`` costing ``tokens`` may go (0: now)."""
+        tokens = self.cost(model, tokens)
         return max(
             [self._adaptive_wait(model, tokens, now)]
             + [self._ceiling_wait(key, tokens, now) for key in self._keys(model)]
@@ -248,7 +309,9 @@ class Book:
 
     def admit(self, model: str, tokens: int, now: float) -> float | None:
         """Record the call and return None when it may go now; else return the time (seconds
-        since the epoch) from which it may, recording nothing."""
+        since the epoch) from which it may, recording nothing. It counts for ``cost(model,
+        tokens)``."""
+        tokens = self.cost(model, tokens)
         wait = self.wait(model, tokens, now)
         if wait > 0:
             return now + wait
@@ -362,20 +425,20 @@ class Book:
             state.level_requests, state.limit_requests, state.reset_requests_at, state.level_at, now
         )
         tokens = _level(state.level_tokens, state.limit_tokens, state.reset_tokens_at, state.level_at, now)
-        if report.limit_requests is not None:
+        if _known(report.limit_requests) is not None:
             state.limit_requests = report.limit_requests
-        if report.limit_tokens is not None:
+        if _known(report.limit_tokens) is not None:
             state.limit_tokens = report.limit_tokens
         if report.remaining_requests is not None:
             state.remaining_requests = report.remaining_requests
             requests = report.remaining_requests - later_calls
             if report.reset_requests is not None:
-                state.reset_requests_at = now + report.reset_requests
+                state.reset_requests_at = now + min(report.reset_requests, MAX_COOLDOWN)
         if report.remaining_tokens is not None:
             state.remaining_tokens = report.remaining_tokens
             tokens = report.remaining_tokens - later_tokens
             if report.reset_tokens is not None:
-                state.reset_tokens_at = now + report.reset_tokens
+                state.reset_tokens_at = now + min(report.reset_tokens, MAX_COOLDOWN)
         state.level_requests, state.level_tokens, state.level_at = requests, tokens, now
 
     def note_throttled(self, model: str, until: float, now: float) -> float:

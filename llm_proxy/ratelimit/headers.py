@@ -41,9 +41,15 @@ def _count(headers: Any, name: str) -> int | None:
         return None
     try:
         value = int(float(str(raw).strip()))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, NaN, infinite
         return None
     return value if value >= 0 else None
+
+
+def _limit(headers: Any, name: str) -> int | None:
+    # A limit of 0 says nothing about how a budget refills (and would be divided by).
+    value = _count(headers, name)
+    return value if value is not None and value > 0 else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,10 +76,10 @@ def read_report(headers: Any) -> RateReport:
     if headers is None:
         return RateReport()
     return RateReport(
-        limit_requests=_count(headers, "x-ratelimit-limit-requests"),
+        limit_requests=_limit(headers, "x-ratelimit-limit-requests"),
         remaining_requests=_count(headers, "x-ratelimit-remaining-requests"),
         reset_requests=parse_duration(headers.get("x-ratelimit-reset-requests")),
-        limit_tokens=_count(headers, "x-ratelimit-limit-tokens"),
+        limit_tokens=_limit(headers, "x-ratelimit-limit-tokens"),
         remaining_tokens=_count(headers, "x-ratelimit-remaining-tokens"),
         reset_tokens=parse_duration(headers.get("x-ratelimit-reset-tokens")),
         retry_after=parse_retry_after(headers),

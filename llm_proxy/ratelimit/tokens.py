@@ -19,6 +19,9 @@ from typing import Any
 PER_MESSAGE = 4
 PRIMING = 3
 PER_IMAGE = 85
+MAX_TOKENS = 2**31 - 1
+"""The most any estimate or usage counts for: a body's ``max_tokens`` can be any integer, and a
+count must stay a float (and a sane one) in the rate-limit state."""
 
 
 def _text_tokens(text: str) -> int:
@@ -56,7 +59,17 @@ def completion_allowance(body: dict[str, Any]) -> int:
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
-    """Prompt tokens (estimated) plus the completion allowance; at least 1."""
+    """Prompt tokens (estimated) plus the completion allowance; at least 1, at most MAX_TOKENS.
+    Never raises: a body it cannot read counts for 1 (its answer's usage corrects it)."""
+    if not isinstance(body, dict):
+        return 1
+    try:
+        return max(1, min(MAX_TOKENS, _estimate(body)))
+    except (TypeError, ValueError, OverflowError, RecursionError, AttributeError):
+        return 1
+
+
+def _estimate(body: dict[str, Any]) -> int:
     total = PRIMING
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -75,7 +88,7 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     for field in ("input", "prompt", "instructions"):
         if field in body:
             total += _input_tokens(body[field])
-    return max(1, total + completion_allowance(body))
+    return total + completion_allowance(body)
 
 
 def _input_tokens(value: Any) -> int:
@@ -105,8 +118,8 @@ def used_tokens(response_json: str | None) -> int | None:
         return None
     total = usage.get("total_tokens")
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return total
+        return min(total, MAX_TOKENS)
     parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
     if all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
-        return int(sum(p for p in parts if isinstance(p, int)))
+        return max(0, min(MAX_TOKENS, int(sum(p for p in parts if isinstance(p, int)))))
     return None

@@ -6,6 +6,7 @@ by ``JobQueue.share_rates``, so that every worker counts against the same limits
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from llm_proxy.ratelimit.headers import read_report
 from llm_proxy.ratelimit.tokens import estimate_tokens, used_tokens
 from llm_proxy.storage.base import ALL_MODELS, JobQueue, RateGate
 from llm_proxy.upstream.outcome import Outcome
+
+log = logging.getLogger("llm_proxy.pacing")
 
 
 def policy_of(
@@ -69,6 +72,8 @@ class Limiter(RateGate):
         """Admitted by a claim, not called yet, by request id."""
         self._now = 0.0
         self._refused: dict[str, float] = {}
+        self._failed = False
+        """The book failed on a call once (logged then; such calls are admitted unpaced)."""
         self.wake_at: float | None = None
         """When the earliest model held back by the last claim may go again (seconds since the
         epoch); None when the last claim held none back."""
@@ -83,10 +88,19 @@ class Limiter(RateGate):
         return [ALL_MODELS if model == GLOBAL else model for model in self._refused]
 
     def admit(self, request_id: str, model: str, body: dict[str, Any]) -> bool:
+        """Never raises: a call the book cannot judge goes (a bad estimate must not stop the
+        queue: the claim would fail, and the next one would take the same job again)."""
         tokens = estimate_tokens(body)
-        until = self._book.admit(model, tokens, self._now)
+        try:
+            cost = self._book.cost(model, tokens)
+            until = self._book.admit(model, tokens, self._now)
+            admitted = self._book.admitted(model)
+        except Exception:
+            self._admit_failed(model)
+            self._permits[request_id] = Permit(model, 1, self._now)
+            return True
         if until is None:
-            self._permits[request_id] = Permit(model, tokens, self._now, self._book.admitted(model))
+            self._permits[request_id] = Permit(model, cost, self._now, admitted)
             return True
         self._refused[model] = until
         return False
@@ -98,7 +112,7 @@ class Limiter(RateGate):
         throttles = {
             ALL_MODELS if model == GLOBAL else model: until for model, until in self._refused.items()
         }
-        return self._book.dump(), throttles
+        return self._book.dump(self._now, sweep=True), throttles
 
     # -- around each call ------------------------------------------------------------------------
 
@@ -115,19 +129,25 @@ class Limiter(RateGate):
         tokens = estimate_tokens(job.body)
         found: list[float | None] = []
         admitted: list[tuple[int, float]] = []
+        costs: list[int] = []
 
         def admit(shared: Mapping[str, str] | None) -> dict[str, str]:
             book = self._merge(shared)
-            found.append(book.admit(model, tokens, now))
-            admitted.append(book.admitted(model))
-            return book.dump() if shared is not None else {}
+            try:
+                costs.append(book.cost(model, tokens))
+                found.append(book.admit(model, tokens, now))
+                admitted.append(book.admitted(model))
+            except Exception:
+                self._admit_failed(model)
+                return {}
+            return book.dump(now) if shared is not None else {}
 
         self._queue.share_rates(self._keys(model), admit)
         until = found[0] if found else None
         if until is not None:
             self._share_throttled(model, until, now)
             return until
-        return Permit(model, tokens, now, admitted[0] if admitted else (0, 0.0))
+        return Permit(model, costs[0] if admitted else 1, now, admitted[0] if admitted else (0, 0.0))
 
     def after_call(self, permit: Permit, outcome: Outcome) -> None:
         """Learn from the answer: its headers, a 429, its usage."""
@@ -154,7 +174,7 @@ class Limiter(RateGate):
                 exhausted=exhausted,
                 admitted=permit.admitted,
             )
-            return book.dump() if shared is not None else {}
+            return book.dump(now) if shared is not None else {}
 
         self._queue.share_rates(self._keys(permit.model), learn)
 
@@ -172,6 +192,13 @@ class Limiter(RateGate):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def _admit_failed(self, model: str) -> None:
+        if not self._failed:
+            self._failed = True
+            log.exception("rate limits cannot judge a call of model %r: admitting it unpaced", model)
+        else:
+            log.debug("rate limits cannot judge a call of model %r: admitting it unpaced", model)
+
     def _keys(self, model: str) -> list[str]:
         return [GLOBAL, model] if self._policy.total.set else [model]
 
@@ -187,7 +214,7 @@ class Limiter(RateGate):
         def note(shared: Mapping[str, str] | None) -> dict[str, str]:
             book = self._merge(shared)
             self._count_throttled(model, until, book, now)
-            return book.dump() if shared is not None else {}
+            return book.dump(now) if shared is not None else {}
 
         self._queue.share_rates([model], note)
 

@@ -20,11 +20,13 @@ from llm_proxy.api.auth import KeyChecker
 from llm_proxy.api.http import SECURITY_HEADERS
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.ratelimit.book import Ceiling, RatePolicy
 from llm_proxy.services.health import HealthMonitor
 from llm_proxy.storage.base import Claim, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.storage.sqlite.queue import PersistJobQueue
 from llm_proxy.storage.sqlite.statuses import DiskcacheStatusStore
+from llm_proxy.worker.pacing import Limiter
 from llm_proxy.worker.runner import entry_for
 from support.web import OTHER_KEY, InProcessWeb, claim_one
 
@@ -471,6 +473,72 @@ def test_a_loopback_webhook_is_refused_naming_the_setting_that_allows_it(
     [detail] = refused["details"]
     assert detail["path"] == "webhookUrl" and "WEBHOOK_ALLOW_PRIVATE=true" in detail["message"]
     assert make_web(webhook_allow_private=True).submit(body(webhookUrl=url)).status_int == 202
+
+
+HOSTILE_SUBMITS = [
+    ("/v1/chat/completions", body(model="a\u0000"), "model"),
+    ("/v1/chat/completions", body(model="line\nbreak"), "model"),
+    (
+        "/v1/chat/completions",
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+        b'"max_tokens": 1' + b"0" * 400 + b"}",
+        "max_tokens",
+    ),
+    ("/v1/chat/completions", body(max_completion_tokens=2**31), "max_completion_tokens"),
+    ("/v1/chat/completions", body(n=2**40), "n"),
+    ("/v1/embeddings", {"model": "a\u0000", "input": "x"}, "model"),
+    ("/v1/responses", {"model": "a\u0000", "input": "x"}, "model"),
+    ("/v1/responses", {"model": "m", "input": "x", "max_output_tokens": 10**30}, "max_output_tokens"),
+    ("/v1/completions", {"model": "\u0000", "prompt": "x"}, "model"),
+    ("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 10**30}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "field"), HOSTILE_SUBMITS)
+def test_control_characters_in_model_and_huge_token_counts_are_400(
+    h: Harness, path: str, payload: Any, field: str
+) -> None:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload)
+    reply = h.app.post(
+        path, data, headers={"X-API-Key": API_KEY}, content_type="application/json", status="*"
+    )
+    error = assert_error(reply, 400, "validation_error")
+    assert [d["path"] for d in error["details"]] == [field]
+    assert h.queue.counts().waiting == 0
+    # The store still takes every other submit.
+    assert h.submit(body()).status_int == 202
+
+
+def test_a_queued_job_with_a_huge_max_tokens_is_claimed_not_crash_looping(h: Harness) -> None:
+    # Queued before validation refused it (or by another version): the claim's gate must not fail.
+    huge = Job(request_id="chatreq_" + "h" * 24, body=body(max_tokens=10**400), owner="o")
+    h.queue.put(huge)
+    gate = Limiter(RatePolicy(per_model={"gpt-test": Ceiling(tpm=1000)}), h.queue)
+    claims = h.queue.claim_many(5, holder="w1", lease_seconds=60, gate=gate)
+    assert [c.job.request_id for c in claims] == [huge.request_id]
+
+
+def test_rate_state_of_models_with_nothing_to_share_is_not_kept(h: Harness) -> None:
+    now = [1_700_000_000.0]
+    gate = Limiter(RatePolicy(), h.queue, clock=lambda: now[0])
+    for n in range(3):
+        h.queue.put(Job(request_id=f"chatreq_{n:024d}", body=body(model=f"random-{n}"), owner="o"))
+    assert len(h.queue.claim_many(5, holder="w1", lease_seconds=60, gate=gate)) == 3
+    seen: list[Any] = []
+
+    def peek(shared: Any) -> dict[str, str]:
+        seen.append(None if shared is None else dict(shared))
+        return {}
+
+    models = [f"random-{n}" for n in range(3)]
+    h.queue.share_rates(models, peek)
+    # A window later, the next claim writes them empty and the store forgets them.
+    now[0] += 62
+    assert h.queue.claim_many(0, holder="w1", lease_seconds=60, gate=gate) == []
+    h.queue.share_rates(models, peek)
+    if seen[0] is not None:  # a shared store: the rows went
+        assert set(seen[0]) == set(models)
+        assert seen[1] == {}
 
 
 SDK_HEADERS = {"X-Stainless-Lang": "python", "X-Stainless-Package-Version": "1.0.0"}

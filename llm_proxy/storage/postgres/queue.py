@@ -66,8 +66,21 @@ WHERE j.ticket = picked.ticket
 RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
     j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
 """
+# A state stored as '{}' holds nothing (``Book.dump``): its row goes, with every other such row,
+# unless it still says until when its model is held back (then only its state is emptied). The
+# two parts touch different rows (one snapshot: a row being emptied here is not yet '{}').
 _STORE_RATES = """
-INSERT INTO llm_proxy_rates (model, state) SELECT * FROM unnest(%s::text[], %s::text[])
+WITH given AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS given (model, state)),
+gone AS (
+    DELETE FROM llm_proxy_rates
+    WHERE (state = '{}' OR model IN (SELECT model FROM given WHERE state = '{}'))
+        AND model NOT IN (SELECT model FROM given WHERE state <> '{}')
+        AND (throttled_until IS NULL OR throttled_until <= extract(epoch FROM now()))
+)
+INSERT INTO llm_proxy_rates (model, state) SELECT model, state FROM given
+WHERE state <> '{}' OR model IN (
+    SELECT model FROM llm_proxy_rates WHERE throttled_until > extract(epoch FROM now())
+)
 ON CONFLICT (model) DO UPDATE SET state = excluded.state
 """
 _STORE_THROTTLES = """
