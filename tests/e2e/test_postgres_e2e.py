@@ -113,7 +113,9 @@ def test_a_killed_worker_s_calls_are_taken_over(
         ]
         for i in range(4)
     ]
-    wait_until(lambda: fake_upstream.stats()["inflight"] == 4, timeout=15)
+    wait_until(
+        lambda: all(fake_upstream.stats()["by_key"].get(f"pg-k{i}") == 1 for i in range(4)), timeout=15
+    )
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait(timeout=10)
     killed_at = time.monotonic()
