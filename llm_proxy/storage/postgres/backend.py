@@ -41,9 +41,14 @@ WITH done AS (
         %(ttls)s::float8[], %(owes)s::boolean[], %(owners)s::text[], %(urls)s::text[],
         %(payloads)s::text[], %(listings)s::text[]
     ) AS d(ticket, token, request_id, entry, ttl, owes, owner, url, payload, listing)
+), locked AS MATERIALIZED (
+    -- In ticket order, as lease renewals lock them: two multi-row updates taking the same rows in
+    -- different orders deadlock until deadlock_timeout (1 s) aborts one.
+    SELECT ticket FROM llm_proxy_jobs WHERE ticket IN (SELECT ticket FROM done) ORDER BY ticket FOR UPDATE
 ), acked AS (
     UPDATE llm_proxy_jobs AS j SET state = 3, calling = false, finished_at = now()
-    FROM done WHERE j.ticket = done.ticket AND j.token = done.token AND j.state = 2
+    FROM done JOIN locked USING (ticket)
+    WHERE j.ticket = done.ticket AND j.token = done.token AND j.state = 2
     RETURNING j.ticket, j.submitted_at
 ), status AS (
     INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})

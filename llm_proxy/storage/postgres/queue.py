@@ -368,9 +368,12 @@ class PostgresJobQueue(JobQueue):
             return Renewal(set())
         rows = self._db.execute(
             "cannot renew leases",
+            # Rows locked in ticket order, as finishes lock them (see backend._FINISH_MANY).
             "UPDATE llm_proxy_jobs SET lease_expires_at = now() + make_interval(secs => %s)"
+            " WHERE ticket IN (SELECT ticket FROM llm_proxy_jobs"
             " WHERE state = 2 AND lease_expires_at > now()"
             " AND (ticket, token) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+            " ORDER BY ticket FOR UPDATE)"
             " RETURNING ticket, token, cancel_requested",
             (lease_seconds, [c.ticket for c in claims], [c.lease.token for c in claims]),
         )

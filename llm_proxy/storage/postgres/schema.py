@@ -158,9 +158,16 @@ MIGRATIONS: tuple[str, ...] = (
         candidates json;
     BEGIN
         PERFORM pg_advisory_xact_lock(lock_key);
+        -- Rows a finishing statement holds are passed over, never waited for: that statement may
+        -- wait for rows this claim holds (a deadlock, broken only after deadlock_timeout), and
+        -- once it commits the row is no longer counted anyway.
         UPDATE llm_proxy_jobs SET calling = false
-        WHERE state = 2 AND calling
-            AND (ticket, token) IN (SELECT * FROM unnest(ended_tickets, ended_tokens));
+        WHERE ticket IN (
+            SELECT ticket FROM llm_proxy_jobs
+            WHERE state = 2 AND calling
+                AND (ticket, token) IN (SELECT * FROM unnest(ended_tickets, ended_tokens))
+            FOR UPDATE SKIP LOCKED
+        );
         SELECT GREATEST(0, LEAST(wanted, ceiling - count(*))) INTO free
         FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now();
         SELECT coalesce(json_object_agg(model, state), '{}') INTO rates FROM llm_proxy_rates;
