@@ -58,6 +58,7 @@ def browser() -> Iterator[Any]:
 def test_the_dashboard_in_a_real_browser(
     make_service: Callable[..., Service], browser: Any, tmp_path: Path
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -69,7 +70,10 @@ def test_the_dashboard_in_a_real_browser(
         browser.save_screenshot(str(shots / f"{name}.png"))
 
     def until(condition: Callable[[Any], Any]) -> Any:
-        return WebDriverWait(browser, WAIT, poll_frequency=0.1).until(condition)
+        # The page replaces its rows every few seconds: an element found just before that is stale.
+        return WebDriverWait(
+            browser, WAIT, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(condition)
 
     service = make_service(MAX_CONCURRENT="1", RETRY_BASE_DELAY="0.05", MAX_RETRIES="1")
     # Some history for the overview: completed and failed requests.
