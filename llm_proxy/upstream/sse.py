@@ -8,6 +8,7 @@ Pure functions and classes: the I/O is in ``client``.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -112,20 +113,16 @@ def _error_of(chunk: dict[str, Any]) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
-class CompletionAssembler:
-    """Folds ``chat.completion.chunk`` objects into one ``chat.completion``.
+class _ChoicesAssembler(ABC):
+    """What the chat and legacy completion assemblers share: the head fields from the first chunk
+    that has them, the last usage, and choices by index folded by ``_fold``."""
 
-    Text (content, refusal, a tool call's name and arguments) is kept as a list of its pieces and
-    joined once in ``completion``: adding each piece to a growing string copies all of it every
-    time, quadratic in the answer's length (20,000 chunks of 500 bytes took 36 s of CPU).
-    """
+    done = False
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
-
-    done = False
 
     def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         return _error_of(chunk)
@@ -138,42 +135,67 @@ class CompletionAssembler:
             self._usage = chunk["usage"]
         for part in chunk.get("choices") or []:
             index = int(part.get("index", 0))
-            choice = self._choices.setdefault(
-                index,
-                {"index": index, "message": {"role": "assistant", "content": None}, "finish_reason": None},
-            )
-            delta = part.get("delta") or {}
-            message = choice["message"]
-            if delta.get("role"):
-                message["role"] = delta["role"]
-            for text_field in ("content", "refusal"):
-                if delta.get(text_field) is not None:
-                    if message.get(text_field) is None:
-                        message[text_field] = []
-                    message[text_field].append(delta[text_field])
-            for call in delta.get("tool_calls") or []:
-                calls = message.setdefault("tool_calls", [])
-                position = int(call.get("index", 0))
-                while len(calls) <= position:
-                    calls.append({"id": None, "type": "function", "function": {"name": [], "arguments": []}})
-                target = calls[position]
-                if call.get("id"):
-                    target["id"] = call["id"]
-                if call.get("type"):
-                    target["type"] = call["type"]
-                function = call.get("function") or {}
-                for part_name in ("name", "arguments"):
-                    if function.get(part_name):
-                        target["function"][part_name].append(function[part_name])
+            choice = self._choices.get(index)
+            if choice is None:
+                choice = self._choices[index] = self._new_choice(index)
+            self._fold(choice, part)
             if part.get("finish_reason"):
                 choice["finish_reason"] = part["finish_reason"]
 
-    def completion(self) -> dict[str, Any]:
-        result: dict[str, Any] = {**self._head, "object": "chat.completion"}
-        result["choices"] = [_joined_choice(self._choices[i]) for i in sorted(self._choices)]
+    def _result(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {**self._head, "object": kind, "choices": choices}
         if self._usage is not None:
             result["usage"] = self._usage
         return result
+
+    @abstractmethod
+    def _new_choice(self, index: int) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _fold(self, choice: dict[str, Any], part: dict[str, Any]) -> None:
+        """One chunk's part for this choice (its finish reason is taken care of)."""
+
+
+class CompletionAssembler(_ChoicesAssembler):
+    """Folds ``chat.completion.chunk`` objects into one ``chat.completion``.
+
+    Text (content, refusal, a tool call's name and arguments) is kept as a list of its pieces and
+    joined once in ``completion``: adding each piece to a growing string copies all of it every
+    time, quadratic in the answer's length (20,000 chunks of 500 bytes took 36 s of CPU).
+    """
+
+    def _new_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": None}, "finish_reason": None}
+
+    def _fold(self, choice: dict[str, Any], part: dict[str, Any]) -> None:
+        delta = part.get("delta") or {}
+        message = choice["message"]
+        if delta.get("role"):
+            message["role"] = delta["role"]
+        for text_field in ("content", "refusal"):
+            if delta.get(text_field) is not None:
+                if message.get(text_field) is None:
+                    message[text_field] = []
+                message[text_field].append(delta[text_field])
+        for call in delta.get("tool_calls") or []:
+            calls = message.setdefault("tool_calls", [])
+            position = int(call.get("index", 0))
+            while len(calls) <= position:
+                calls.append({"id": None, "type": "function", "function": {"name": [], "arguments": []}})
+            target = calls[position]
+            if call.get("id"):
+                target["id"] = call["id"]
+            if call.get("type"):
+                target["type"] = call["type"]
+            function = call.get("function") or {}
+            for part_name in ("name", "arguments"):
+                if function.get(part_name):
+                    target["function"][part_name].append(function[part_name])
+
+    def completion(self) -> dict[str, Any]:
+        return self._result(
+            "chat.completion", [_joined_choice(self._choices[i]) for i in sorted(self._choices)]
+        )
 
 
 def _joined_choice(choice: dict[str, Any]) -> dict[str, Any]:
@@ -231,53 +253,31 @@ def completion_as_events(completion: dict[str, Any]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
-class TextCompletionAssembler:
+class TextCompletionAssembler(_ChoicesAssembler):
     """Folds legacy ``text_completion`` chunks (``POST /v1/completions`` streamed) into one
     ``text_completion``; text kept in pieces and joined once, as in ``CompletionAssembler``."""
 
-    done = False
+    def _new_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "text": [], "logprobs": None, "finish_reason": None}
 
-    def __init__(self) -> None:
-        self._head: dict[str, Any] = {}
-        self._choices: dict[int, dict[str, Any]] = {}
-        self._usage: Any = None
-
-    def failure(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        return _error_of(chunk)
-
-    def add(self, chunk: dict[str, Any]) -> None:
-        for name in _HEAD_FIELDS:
-            if name in chunk and name not in self._head:
-                self._head[name] = chunk[name]
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        for part in chunk.get("choices") or []:
-            index = int(part.get("index", 0))
-            choice = self._choices.setdefault(
-                index, {"index": index, "text": [], "logprobs": None, "finish_reason": None}
-            )
-            if isinstance(part.get("text"), str):
-                choice["text"].append(part["text"])
-            logprobs = part.get("logprobs")
-            if isinstance(logprobs, dict):
-                # Each chunk's logprobs cover its own tokens: the whole answer's are their lists joined.
-                merged = choice["logprobs"] = choice["logprobs"] or {}
-                for name, value in logprobs.items():
-                    if isinstance(value, list):
-                        merged.setdefault(name, []).extend(value)
-                    else:
-                        merged[name] = value
-            if part.get("finish_reason"):
-                choice["finish_reason"] = part["finish_reason"]
+    def _fold(self, choice: dict[str, Any], part: dict[str, Any]) -> None:
+        if isinstance(part.get("text"), str):
+            choice["text"].append(part["text"])
+        logprobs = part.get("logprobs")
+        if isinstance(logprobs, dict):
+            # Each chunk's logprobs cover its own tokens: the whole answer's are their lists joined.
+            merged = choice["logprobs"] = choice["logprobs"] or {}
+            for name, value in logprobs.items():
+                if isinstance(value, list):
+                    merged.setdefault(name, []).extend(value)
+                else:
+                    merged[name] = value
 
     def completion(self) -> dict[str, Any]:
-        result: dict[str, Any] = {**self._head, "object": "text_completion"}
-        result["choices"] = [
-            {**self._choices[i], "text": "".join(self._choices[i]["text"])} for i in sorted(self._choices)
-        ]
-        if self._usage is not None:
-            result["usage"] = self._usage
-        return result
+        return self._result(
+            "text_completion",
+            [{**self._choices[i], "text": "".join(self._choices[i]["text"])} for i in sorted(self._choices)],
+        )
 
 
 _RESPONSE_ENDS = ("response.completed", "response.incomplete")
