@@ -57,15 +57,15 @@ class DiskcacheStatusStore(StatusStore):
     ) -> None:
         # The claim goes unchecked: the one worker's dispatcher stops a job whose lease it lost
         # before anything else can hold it.
-        self._put((request_id, entry.to_dict(), ttl))
+        self._put((request_id, entry, ttl))
 
-    def _set_all(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[None]:
+    def _set_all(self, items: list[tuple[str, StatusEntry, float | None]]) -> list[None]:
         with self._cache.transact(retry=False):
-            for request_id, stored, ttl in items:
-                self._cache.set(request_id, stored, expire=ttl, retry=False)
+            for request_id, entry, ttl in items:
+                self._cache.set(request_id, entry.to_dict(), expire=ttl, retry=False)
         if self._index is not None:
             # After the commit, never inside it (the index may wait on its own lock).
-            self._index.record((rid, StatusEntry.from_dict(stored), ttl) for rid, stored, ttl in items)
+            self._index.record(items)
         return [None] * len(items)
 
     def get(self, request_id: str) -> StatusEntry | None:
