@@ -13,7 +13,7 @@ from bottle import Bottle, HTTPResponse, request  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm_proxy.web.server import make_listener, make_server  # noqa: E402
+from llm_proxy.web.httpserver import make_listener, make_server  # noqa: E402
 
 ACCEPTED = json.dumps(
     {"request_id": "chatreq_" + "x" * 24, "status": "pending", "queue_position": 1, "active_requests": 0}

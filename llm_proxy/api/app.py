@@ -39,7 +39,7 @@ from llm_proxy.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_proxy.services.health import HEALTHY, Health
 from llm_proxy.storage.base import IdempotencyConflict, QueueFull, StorageUnavailable, WebSignals
 from llm_proxy.upstream.outcome import Outcome
-from llm_proxy.webhooks.safety import check_url_literal
+from llm_proxy.webhooks.safety import ALLOW_PRIVATE_HINT, check_url_literal
 
 log = logging.getLogger("llm_proxy.api")
 
@@ -221,10 +221,7 @@ def create_app(
             problem = check_url_literal(webhook_url)
             if problem:
                 # A local receiver is the usual first try: say what allows it.
-                message = (
-                    f"not an allowed webhook destination: {problem}; "
-                    "set WEBHOOK_ALLOW_PRIVATE=true to allow private and loopback addresses"
-                )
+                message = f"not an allowed webhook destination: {problem}; {ALLOW_PRIVATE_HINT}"
                 return invalid_body([{"path": "webhookUrl", "message": message}])
         key = header("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY.match(key):

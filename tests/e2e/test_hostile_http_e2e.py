@@ -37,7 +37,7 @@ SHORT_KEEPALIVE_TIMEOUT = 2.5
 SHORTENED = (
     "from gevent import monkey; monkey.patch_all()\n"
     "import runpy, sys\n"
-    "import llm_proxy.web.server as server\n"
+    "import llm_proxy.web.httpserver as server\n"
     f"server.HEADER_TIMEOUT = {SHORT_HEADER_TIMEOUT}\n"
     f"server.KEEPALIVE_TIMEOUT = {SHORT_KEEPALIVE_TIMEOUT}\n"
     "sys.argv = ['app.py']\n"
