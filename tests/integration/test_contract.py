@@ -303,6 +303,66 @@ def test_unicode_and_odd_values_round_trip(backend: Backend) -> None:
     assert taken.job == odd
 
 
+ODD_TEXTS = ('say "hi"', "back\\slash", "{braces, commas}", "NULL", "", "é漢字🙂", "tab\there\nnewline")
+
+
+def test_odd_texts_survive_the_batched_writes(backend: Backend) -> None:
+    """Concurrent status writes and finishes share one statement whose arrays carry every entry:
+    quotes, backslashes, braces, commas, the word NULL and empty strings come back as sent."""
+    jobs = [
+        Job(request_id=f"chatreq_odd{n:021d}", owner="o", body={"messages": [{"content": text}]})
+        for n, text in enumerate(ODD_TEXTS)
+    ]
+    for each in jobs:
+        backend.queue.put(each)
+    held = claim(backend.queue, limit=len(jobs))
+
+    def entry(taken: Claim, status: Status, text: str) -> StatusEntry:
+        return StatusEntry(
+            status=status,
+            request_json=taken.job.body_json,
+            owner="o",
+            timestamp=1,
+            response_json=json.dumps({"text": text}) if status is Status.COMPLETED else None,
+            error={"message": text, "type": "t"} if status is Status.PROCESSING else None,
+        )
+
+    texts = dict(zip((c.job.request_id for c in held), ODD_TEXTS, strict=True))
+    gevent.joinall(
+        [
+            gevent.spawn(
+                backend.statuses.put,
+                c.job.request_id,
+                entry(c, Status.PROCESSING, texts[c.job.request_id]),
+                claim=c,
+            )
+            for c in held
+        ],
+        raise_error=True,
+    )
+    for c in held:
+        stored = backend.statuses.get(c.job.request_id)
+        assert stored is not None and stored.error == {"message": texts[c.job.request_id], "type": "t"}
+    finished = gevent.joinall(
+        [
+            gevent.spawn(
+                backend.finish,
+                c.job.request_id,
+                entry(c, Status.COMPLETED, texts[c.job.request_id]),
+                ttl=60,
+                claim=c,
+            )
+            for c in held
+        ],
+        raise_error=True,
+    )
+    assert [g.value for g in finished] == [True] * len(held)
+    for c in held:
+        stored = backend.statuses.get(c.job.request_id)
+        assert stored is not None and stored.request_json == c.job.body_json
+        assert json.loads(stored.response_json or "") == {"text": texts[c.job.request_id]}
+
+
 # -- StatusStore -----------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import psycopg
 import psycopg_pool
 from psycopg.rows import TupleRow
+from psycopg.types.array import ListBinaryDumper
 
 from llm_proxy.storage.base import DatabaseUnusable, StorageUnavailable
 
@@ -49,6 +50,13 @@ def redacted(text: str, url: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text)
 
 
+def _configure(connection: Connection) -> None:
+    # Lists (the batched statements' arrays) go in binary: the text format escapes every quote
+    # of every element in Python, about 16 ms for 50 status entries of 1 KB, during which the
+    # process's event loop (its claims, its other calls) stands still.
+    connection.adapters.register_dumper(list, ListBinaryDumper)
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int, name: str = "llm-proxy") -> None:
         self._url = normalized_url(url)
@@ -59,6 +67,7 @@ class Database:
             open=False,
             timeout=POOL_WAIT,
             name=name,
+            configure=_configure,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT,
