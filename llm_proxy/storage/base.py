@@ -86,6 +86,13 @@ class Claim:
     fresh: bool = False
     """Never handed out before: no earlier attempt can have left a status behind."""
     cancel_requested: bool = False
+    opened_at: int | None = None
+    """Set when the claim's own commit stored the first attempt's status (``Opening``): that
+    attempt's start, in milliseconds since the epoch. None: nothing was stored with the claim."""
+
+
+Opening = Callable[[Job, int], StatusEntry]
+"""The status of a job's first attempt, started at the given time (milliseconds since the epoch)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,11 +208,20 @@ class JobQueue(ABC):
 
     @abstractmethod
     def claim_many(
-        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+        self,
+        limit: int,
+        *,
+        holder: str,
+        lease_seconds: float,
+        gate: RateGate | None = None,
+        opening: Opening | None = None,
     ) -> list[Claim]:
         """Take up to ``limit`` of the oldest waiting jobs without blocking, each under a new lease
         of ``holder`` (in one step: one commit for all). With a ``gate``, only jobs it admits are
-        taken: the jobs of models it holds back are passed over, so they block no other model."""
+        taken: the jobs of models it holds back are passed over, so they block no other model.
+        With an ``opening``, a store whose queue and statuses share a commit may store it as the
+        status of each fresh claim that has no cancel recorded, saving its worker a write before
+        the call; such claims say so (``Claim.opened_at``)."""
 
     @abstractmethod
     def share_rates(

@@ -177,6 +177,7 @@ class Dispatcher:
                     holder=self._holder,
                     lease_seconds=self._settings.lease_seconds,
                     gate=self._gate,
+                    opening=self._runner.opening,
                 ),
                 nudged=self._nudged,
                 stopping=self._stopping,

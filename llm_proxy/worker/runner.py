@@ -106,6 +106,11 @@ class JobRunner:
         self._cancels.add(request_id)
         return request_id in self._interruptible
 
+    @staticmethod
+    def opening(job: Job, started_at: int) -> StatusEntry:
+        """The status of a job's first attempt, which a claim may store (``JobQueue.claim_many``)."""
+        return entry_for(job, Status.PROCESSING, attempts=1, history=(Attempt(started_at=started_at),))
+
     def run(self, claim: Claim, slot: Slot) -> None:
         """Run the job to its end (or put it back); the slot is given back as soon as the last
         upstream call is answered, so bookkeeping never delays the next call."""
@@ -177,13 +182,17 @@ class JobRunner:
                     return
                 permit = admitted
             attempts += 1
-            attempt = Attempt(started_at=now_ms())
-            # Stored before the call, so a crash during it counts as an attempt.
-            self._statuses.put(
-                job.request_id,
-                entry_for(job, Status.PROCESSING, attempts=attempts, history=(*history, attempt)),
-                claim=claim,
-            )
+            if attempts == 1 and claim.opened_at is not None:
+                # Stored with the claim (``opening``).
+                attempt = Attempt(started_at=claim.opened_at)
+            else:
+                attempt = Attempt(started_at=now_ms())
+                # Stored before the call, so a crash during it counts as an attempt.
+                self._statuses.put(
+                    job.request_id,
+                    entry_for(job, Status.PROCESSING, attempts=attempts, history=(*history, attempt)),
+                    claim=claim,
+                )
             started = time.monotonic()
             try:
                 with self._cancellable(job.request_id):

@@ -254,6 +254,47 @@ def test_cancel_withdraws_a_waiting_job_and_flags_a_claimed_one(backend: Backend
     assert queue.cancel(job(0).request_id) is CancelResult.ABSENT
 
 
+def test_an_opening_is_stored_with_the_claim_where_the_store_can(backend: Backend) -> None:
+    """A claim given an opening either stores it as the status of each fresh claim without a
+    cancel, in the claim's own commit, and says so, or stores nothing (the worker writes it)."""
+    queue = backend.queue
+    for n in range(3):
+        queue.put(job(n))
+    [first] = claim(queue)
+    queue.requeue_lapsed(math.inf)  # job 0 waits again, no longer fresh
+    assert queue.cancel(job(2).request_id) is CancelResult.WITHDRAWN
+    queue.put(job(3))
+    assert queue.cancel(job(3).request_id) is CancelResult.WITHDRAWN
+    queue.put(job(4))
+
+    def opening(opened: Job, started_at: int) -> StatusEntry:
+        return StatusEntry(
+            status=Status.PROCESSING,
+            request_json=opened.body_json,
+            owner=opened.owner,
+            timestamp=started_at,
+            attempts=1,
+            history=(Attempt(started_at=started_at),),
+        )
+
+    before = int(time.time() * 1000)
+    claims = queue.claim_many(5, holder="w2", lease_seconds=60, opening=opening)
+    assert [c.job.request_id for c in claims] == [job(n).request_id for n in (0, 1, 4)]
+    again, fresh, last = claims
+    assert again.opened_at is None and not again.fresh  # its earlier attempt's status may exist
+    for taken in (fresh, last):
+        stored = backend.statuses.get(taken.job.request_id)
+        if taken.opened_at is None:
+            assert stored is None
+            continue
+        assert before <= taken.opened_at <= int(time.time() * 1000)
+        assert stored == opening(taken.job, taken.opened_at)
+    assert backend.statuses.get(again.job.request_id) is None
+    # Stored under the claim's lease: the finish that follows is fenced by the same token.
+    assert backend.finish(fresh.job.request_id, entry(Status.COMPLETED), ttl=60, claim=fresh)
+    assert not backend.finish(first.job.request_id, entry(Status.COMPLETED), ttl=60, claim=first)
+
+
 def test_put_once_stands_for_the_first_request(backend: Backend) -> None:
     queue = backend.queue
     first = Job(request_id="chatreq_first000000000000", body={"a": 1, "b": [1, 2]}, owner="o")

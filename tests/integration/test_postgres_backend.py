@@ -76,6 +76,36 @@ def test_claims_from_several_processes_share_one_ceiling(database_url: str, tmp_
             worker.close()
 
 
+def test_a_claim_stores_its_jobs_first_attempt_in_its_own_commit(database_url: str, tmp_path: Path) -> None:
+    """The worker writes nothing before a fresh job's first call: the claim stored its status.
+    A job with a cancel recorded gets none (its worker cancels it without calling)."""
+    backend = open_backend(data_dir=tmp_path, database_url=database_url)
+    try:
+        for i in range(3):
+            backend.queue.put(Job(request_id=f"chatreq_{i:020d}", body={"n": i}, owner="o"))
+        [cancelled] = backend.queue.claim_many(1, holder="w", lease_seconds=60)
+        backend.queue.cancel(cancelled.job.request_id)
+        backend.queue.requeue_lapsed(float("inf"))
+
+        def opening(job: Job, started_at: int) -> StatusEntry:
+            return StatusEntry(
+                status=Status.PROCESSING, request_json=job.body_json, owner="o", timestamp=started_at
+            )
+
+        claims = backend.queue.claim_many(3, holder="w", lease_seconds=60, opening=opening)
+        assert [(c.cancel_requested, c.opened_at is not None) for c in claims] == [
+            (True, False),
+            (False, True),
+            (False, True),
+        ]
+        for taken in claims[1:]:
+            assert taken.opened_at is not None
+            assert backend.statuses.get(taken.job.request_id) == opening(taken.job, taken.opened_at)
+        assert backend.statuses.get(cancelled.job.request_id) is None
+    finally:
+        backend.close()
+
+
 def test_a_slot_given_back_is_free_for_the_next_claim_before_its_job_finishes(
     database_url: str, tmp_path: Path
 ) -> None:

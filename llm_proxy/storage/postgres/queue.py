@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, NamedTuple
 
-from llm_proxy.domain.job import Job, body_digest
+from llm_proxy.domain.job import Job, body_digest, now_ms
 from llm_proxy.storage.base import (
     ALL_MODELS,
     IDEMPOTENCY_WINDOW,
@@ -22,6 +22,7 @@ from llm_proxy.storage.base import (
     IdempotencyConflict,
     JobQueue,
     Lease,
+    Opening,
     QueueCounts,
     Queued,
     QueueFull,
@@ -31,6 +32,10 @@ from llm_proxy.storage.base import (
 )
 from llm_proxy.storage.batching import GroupCommit
 from llm_proxy.storage.postgres.database import Connection, Database
+from llm_proxy.storage.postgres.requests import COLUMNS as LISTED
+from llm_proxy.storage.postgres.requests import ON_CONFLICT as LISTED_CHANGED
+from llm_proxy.storage.postgres.requests import listing_json
+from llm_proxy.storage.postgres.requests import values as listed_values
 
 CLAIM_LOCK = 7_210_002
 """pg_advisory_xact_lock key serialising claimers, so two can never both take the last slot."""
@@ -47,25 +52,37 @@ VALUES (%s, %s, %s, %s, %s, %s) RETURNING ticket
 """
 # Waiting jobs, oldest first, along the partial index of waiting rows (claimed jobs whose lease
 # lapsed wait again through ``requeue_lapsed``, which every worker runs every third of a lease).
-# A claim: its start in one round trip (``llm_proxy_claim_start``, under the claim's advisory lock:
+# A claim: its start in one round trip (``llm_proxy_claim_begin``, under the claim's advisory lock:
 # the free slots, the rate-limit state, the oldest waiting jobs that fit), then, when the gate passed
 # over some models, more candidates past them, then the admitted ones leased in one statement.
-_START = "SELECT llm_proxy_claim_start(%s, %s, %s, %s, %s)"
+_START = "SELECT llm_proxy_claim_begin(%s, %s, %s, %s, %s)"
 _CANDIDATES = """
-SELECT ticket, request_id, model, body FROM llm_proxy_jobs
+SELECT ticket, request_id, model, body, owner, submitted_at, relay, state, cancel_requested
+FROM llm_proxy_jobs
 WHERE state < 2 AND model <> ALL(%(passed)s) AND ticket <> ALL(%(taken)s)
 ORDER BY ticket LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 """
-_LEASE_ADMITTED = """
-UPDATE llm_proxy_jobs AS j
-SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
-    lease_expires_at = now() + make_interval(secs => %(lease)s), calling = true
-FROM (SELECT ticket, state FROM llm_proxy_jobs WHERE ticket = ANY(%(tickets)s)) AS picked
-WHERE j.ticket = picked.ticket
-RETURNING j.ticket, j.request_id, j.owner, j.body, j.submitted_at, j.relay, picked.state,
-    j.cancel_requested, j.token, extract(epoch FROM j.lease_expires_at)
-"""
+# The admitted jobs leased, and the first attempt's status of those given an opening stored in
+# the same statement (the worker then writes nothing before its call).
+_LEASE_ADMITTED = f"""
+WITH leased AS (
+    UPDATE llm_proxy_jobs
+    SET state = 2, holder = %(holder)s, token = nextval('llm_proxy_lease_tokens'),
+        lease_expires_at = now() + make_interval(secs => %(lease)s), calling = true
+    WHERE ticket = ANY(%(tickets)s)
+    RETURNING ticket, request_id, submitted_at, token, extract(epoch FROM lease_expires_at) AS expires_at
+), opened AS (
+    INSERT INTO llm_proxy_statuses (request_id, entry, expires_at, {LISTED})
+    SELECT leased.request_id, o.entry, NULL, {listed_values("l", "leased.submitted_at")}
+    FROM unnest(%(opened)s::bigint[], %(entries)s::text[], %(listings)s::text[]) AS o(ticket, entry, listing)
+    JOIN leased USING (ticket)
+    CROSS JOIN LATERAL json_populate_record(NULL::llm_proxy_listing, o.listing::json) AS l
+    ON CONFLICT (request_id) DO UPDATE SET entry = excluded.entry, expires_at = excluded.expires_at,
+        {LISTED_CHANGED}
+)
+SELECT ticket, token, expires_at FROM leased
+"""  # noqa: S608
 # A state stored as '{}' holds nothing (``Book.dump``): its row goes, with every other such row,
 # unless it still says until when its model is held back (then only its state is emptied). The
 # two parts touch different rows (one snapshot: a row being emptied here is not yet '{}').
@@ -118,37 +135,54 @@ def _body(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+class _Candidate(NamedTuple):
+    ticket: int
+    job: Job
+    model: str
+    fresh: bool
+    cancel_requested: bool
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> _Candidate:
+        ticket, request_id, model, body, owner, submitted_at, relay, state, cancel_requested = row
+        job = Job(
+            request_id=str(request_id),
+            body=_body(str(body)),
+            owner=str(owner),
+            submitted_at=int(submitted_at),
+            relay=bool(relay),
+        )
+        return cls(int(ticket), job, str(model), int(state) == 0, bool(cancel_requested))
+
+
 def _admitted(
-    connection: Connection,
-    gate: RateGate,
-    free: int,
-    oldest: list[tuple[int, str, str, str]],
-    shared: dict[str, str],
-) -> list[int]:
-    """The tickets the gate admits, oldest first, passing over the models it holds back; their
+    connection: Connection, gate: RateGate, free: int, oldest: list[_Candidate], shared: dict[str, str]
+) -> list[_Candidate]:
+    """The candidates the gate admits, oldest first, passing over the models it holds back; their
     rate-limit state and throttles stored in the claim's transaction."""
     passed = set(gate.begin(shared))
-    taken: list[int] = []
+    taken: list[_Candidate] = []
     candidates = oldest
     while ALL_MODELS not in passed and len(taken) < free:
         wanted = free - len(taken)
         # Jobs of a held-back model among the candidates: look past them for others.
         refused = False
-        for ticket, request_id, model, body in candidates:
-            if model in passed:
+        for candidate in candidates:
+            if candidate.model in passed:
                 refused = True
                 continue
-            if gate.admit(request_id, model, _body(body)):
-                taken.append(ticket)
+            if gate.admit(candidate.job.request_id, candidate.model, candidate.job.body):
+                taken.append(candidate)
             else:
-                passed.add(model)
+                passed.add(candidate.model)
                 refused = True
         if not refused or len(candidates) < wanted:
             break
         rows = connection.execute(
-            _CANDIDATES, {"passed": sorted(passed), "taken": taken, "limit": free - len(taken)}
+            _CANDIDATES,
+            {"passed": sorted(passed), "taken": [c.ticket for c in taken], "limit": free - len(taken)},
         ).fetchall()
-        candidates = [(int(t), str(rid), str(model), str(body)) for t, rid, model, body in rows]
+        candidates = [_Candidate.of(row) for row in rows]
     states, throttles = gate.end()
     if states:
         connection.execute(_STORE_RATES, (list(states), list(states.values())))
@@ -267,45 +301,23 @@ class PostgresJobQueue(JobQueue):
         )
 
     def claim_many(
-        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+        self,
+        limit: int,
+        *,
+        holder: str,
+        lease_seconds: float,
+        gate: RateGate | None = None,
+        opening: Opening | None = None,
     ) -> list[Claim]:
         # Without a ceiling (no worker set one: tests, tools) nothing but ``limit`` bounds a claim.
         ceiling = self._ceiling if self._ceiling is not None else 2**31 - 1
         ended, self._ended = self._ended, {}
         try:
             with self._db.transaction("cannot claim jobs") as connection:
-                rows = self._claim_in(connection, limit, ceiling, holder, lease_seconds, gate, ended)
+                return self._claim_in(connection, limit, ceiling, holder, lease_seconds, gate, opening, ended)
         except BaseException:
             self._ended.update(ended)
             raise
-        claims = [
-            Claim(
-                ticket=int(ticket),
-                job=Job(
-                    request_id=str(request_id),
-                    body=_body(body),
-                    owner=str(owner),
-                    submitted_at=int(submitted_at),
-                    relay=bool(relay),
-                ),
-                lease=Lease(holder=holder, token=int(token), expires_at=float(expires_at)),
-                fresh=int(state) == 0,
-                cancel_requested=bool(cancel_requested),
-            )
-            for (
-                ticket,
-                request_id,
-                owner,
-                body,
-                submitted_at,
-                relay,
-                state,
-                cancel_requested,
-                token,
-                expires_at,
-            ) in rows
-        ]
-        return sorted(claims, key=lambda c: c.ticket)
 
     @staticmethod
     def _claim_in(
@@ -315,25 +327,48 @@ class PostgresJobQueue(JobQueue):
         holder: str,
         lease_seconds: float,
         gate: RateGate | None,
+        opening: Opening | None,
         ended: dict[int, int],
-    ) -> list[Any]:
+    ) -> list[Claim]:
         row = connection.execute(
             _START, (CLAIM_LOCK, list(ended), list(ended.values()), limit, ceiling)
         ).fetchone()
         start: dict[str, Any] = row[0] if row else {"free": 0, "rates": {}, "candidates": []}
-        free = int(start["free"])
-        oldest = [(int(t), str(rid), str(model), str(body)) for t, rid, model, body in start["candidates"]]
+        oldest = [_Candidate.of(candidate) for candidate in start["candidates"]]
         if gate is None:
-            taken = [ticket for ticket, _, _, _ in oldest]
+            taken = oldest
         else:
-            taken = _admitted(
-                connection, gate, free, oldest, {str(m): str(s) for m, s in start["rates"].items()}
-            )
+            rates = {str(m): str(s) for m, s in start["rates"].items()}
+            taken = _admitted(connection, gate, int(start["free"]), oldest, rates)
         if not taken:
             return []
-        return connection.execute(
-            _LEASE_ADMITTED, {"holder": holder, "lease": lease_seconds, "tickets": taken}
+        opened_at = now_ms()
+        opened = [c for c in taken if opening is not None and c.fresh and not c.cancel_requested]
+        entries = [opening(c.job, opened_at) for c in opened] if opening is not None else []
+        leased = connection.execute(
+            _LEASE_ADMITTED,
+            {
+                "holder": holder,
+                "lease": lease_seconds,
+                "tickets": [c.ticket for c in taken],
+                "opened": [c.ticket for c in opened],
+                "entries": [json.dumps(entry.to_dict()) for entry in entries],
+                "listings": [listing_json(entry) for entry in entries],
+            },
         ).fetchall()
+        leases = {int(ticket): (int(token), float(expires_at)) for ticket, token, expires_at in leased}
+        opened_tickets = {c.ticket for c in opened}
+        return [
+            Claim(
+                ticket=c.ticket,
+                job=c.job,
+                lease=Lease(holder=holder, token=leases[c.ticket][0], expires_at=leases[c.ticket][1]),
+                fresh=c.fresh,
+                cancel_requested=c.cancel_requested,
+                opened_at=opened_at if c.ticket in opened_tickets else None,
+            )
+            for c in sorted(taken, key=lambda c: c.ticket)
+        ]
 
     def share_rates(
         self, models: Collection[str], change: Callable[[Mapping[str, str] | None], dict[str, str]]

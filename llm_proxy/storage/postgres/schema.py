@@ -185,6 +185,43 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE llm_proxy_outbox ADD COLUMN taken_by text;
     """,
+    # The claim's start again, its candidates with all a job's fields, so that the statement
+    # leasing them can also store their first attempt's status. The previous function stays for
+    # processes of the previous version while a deploy rolls over.
+    """
+    CREATE FUNCTION llm_proxy_claim_begin(
+        lock_key bigint, ended_tickets bigint[], ended_tokens bigint[], wanted integer, ceiling integer
+    ) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        free integer;
+        rates json;
+        candidates json;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(lock_key);
+        -- Rows a finishing statement holds are passed over, never waited for: that statement may
+        -- wait for rows this claim holds (a deadlock, broken only after deadlock_timeout), and
+        -- once it commits the row is no longer counted anyway.
+        UPDATE llm_proxy_jobs SET calling = false
+        WHERE ticket IN (
+            SELECT ticket FROM llm_proxy_jobs
+            WHERE state = 2 AND calling
+                AND (ticket, token) IN (SELECT * FROM unnest(ended_tickets, ended_tokens))
+            FOR UPDATE SKIP LOCKED
+        );
+        SELECT GREATEST(0, LEAST(wanted, ceiling - count(*))) INTO free
+        FROM llm_proxy_jobs WHERE state = 2 AND calling AND lease_expires_at > now();
+        SELECT coalesce(json_object_agg(model, state), '{}') INTO rates FROM llm_proxy_rates;
+        SELECT coalesce(json_agg(json_build_array(
+            ticket, request_id, model, body, owner, submitted_at, relay, state, cancel_requested
+        ) ORDER BY ticket), '[]')
+        INTO candidates
+        FROM (
+            SELECT ticket, request_id, model, body, owner, submitted_at, relay, state, cancel_requested
+            FROM llm_proxy_jobs WHERE state < 2 ORDER BY ticket LIMIT free FOR UPDATE SKIP LOCKED
+        ) AS oldest;
+        RETURN json_build_object('free', free, 'rates', rates, 'candidates', candidates);
+    END $$;
+    """,
 )
 
 

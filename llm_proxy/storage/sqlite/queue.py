@@ -35,6 +35,7 @@ from llm_proxy.storage.base import (
     IdempotencyConflict,
     JobQueue,
     Lease,
+    Opening,
     QueueCounts,
     Queued,
     QueueFull,
@@ -322,8 +323,16 @@ class PersistJobQueue(JobQueue):
         )
 
     def claim_many(
-        self, limit: int, *, holder: str, lease_seconds: float, gate: RateGate | None = None
+        self,
+        limit: int,
+        *,
+        holder: str,
+        lease_seconds: float,
+        gate: RateGate | None = None,
+        opening: Opening | None = None,
     ) -> list[Claim]:
+        # The queue and the statuses are separate files: the opening cannot share the claim's
+        # commit, so the worker writes it.
         expires_at = time.time() + lease_seconds
 
         def take() -> tuple[list[Any], int]:
