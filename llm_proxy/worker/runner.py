@@ -317,8 +317,15 @@ class JobRunner:
             entry = self._statuses.get(job.request_id)
             if entry is None or entry.status is not Status.PENDING:
                 attempts = entry.attempts_made if entry else 0
+                history = entry.history if entry else ()
+                opened = claim.opened_at
+                if opened is not None and history and history[-1] == Attempt(started_at=opened):
+                    # The attempt this claim stored, its call not begun: it does not count.
+                    attempts, history = max(0, attempts - 1), history[:-1]
                 self._statuses.put(
-                    job.request_id, entry_for(job, Status.PENDING, attempts=attempts), claim=claim
+                    job.request_id,
+                    entry_for(job, Status.PENDING, attempts=attempts, history=history),
+                    claim=claim,
                 )
             self._queue.release(claim)
         except StorageUnavailable as exc:

@@ -4,19 +4,29 @@ a time, and the ceiling counted across processes in the claiming transaction."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gevent
+import gevent.event
 import psycopg
 import pytest
 
+from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
+from llm_proxy.ratelimit.book import RatePolicy
+from llm_proxy.services.finalize import Finalizer
 from llm_proxy.storage.base import DatabaseUnusable, Delivery
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.storage.postgres.database import Database, normalized_url, redacted
 from llm_proxy.storage.postgres.schema import MIGRATIONS, migrate
 from llm_proxy.storage.postgres.statuses import PURGE_LOCK
+from llm_proxy.upstream.outcome import Outcome
+from llm_proxy.worker.pacing import Limiter, Permit
+from llm_proxy.worker.retry import RetryPolicy
+from llm_proxy.worker.runner import GracefulStop, JobRunner
 
 
 def test_urls_are_normalised_and_passwords_never_shown() -> None:
@@ -102,6 +112,50 @@ def test_a_claim_stores_its_jobs_first_attempt_in_its_own_commit(database_url: s
             assert taken.opened_at is not None
             assert backend.statuses.get(taken.job.request_id) == opening(taken.job, taken.opened_at)
         assert backend.statuses.get(cancelled.job.request_id) is None
+    finally:
+        backend.close()
+
+
+class _StoppedBeforeTheCall(Limiter):
+    """Shutdown's deadline striking while a job waits for its rate-limit permit."""
+
+    def before_call(self, job: Job) -> Permit | float:
+        raise GracefulStop
+
+
+class _NoUpstream:
+    def complete(self, body: dict[str, Any], endpoint: Endpoint = Endpoint.CHAT) -> Outcome:
+        raise AssertionError("no call was expected")
+
+    def stream(
+        self, body: dict[str, Any], on_event: Callable[[bytes], None], endpoint: Endpoint = Endpoint.CHAT
+    ) -> Outcome:
+        raise AssertionError("no call was expected")
+
+
+def test_a_job_stopped_before_the_call_its_claim_opened_waits_again_without_that_attempt(
+    database_url: str, tmp_path: Path
+) -> None:
+    backend = open_backend(data_dir=tmp_path, database_url=database_url)
+    try:
+        backend.queue.put(Job(request_id="chatreq_00000000000000000000", body={"model": "m"}, owner="o"))
+        runner = JobRunner(
+            queue=backend.queue,
+            statuses=backend.statuses,
+            upstream=_NoUpstream(),
+            finalizer=Finalizer(backend=backend, result_ttl=60, announce=lambda request_id: None),
+            policy=RetryPolicy(max_retries=1, base_delay=0.1, max_delay=1),
+            stopping=gevent.event.Event(),
+            limiter=_StoppedBeforeTheCall(RatePolicy(), backend.queue),
+        )
+        [claim] = backend.queue.claim_many(1, holder="w", lease_seconds=60, opening=runner.opening)
+        opened = backend.statuses.get(claim.job.request_id)
+        assert claim.opened_at is not None and opened is not None and opened.attempts == 1
+        runner.run(claim, backend.concurrency_limit(1).hold(claim))
+        entry = backend.statuses.get(claim.job.request_id)
+        assert entry is not None and entry.status is Status.PENDING
+        assert (entry.attempts, entry.history) == (0, ())
+        assert backend.queue.counts() == (1, 0)
     finally:
         backend.close()
 
