@@ -224,6 +224,7 @@ class Bench:
         self.rounds = 1 if quick else 5
         self.figures: list[Figure] = []
         self.postgres: PostgresServer | None = None
+        self.databases: list[str] = []
         self.label = ""
         self.upstream, self.upstream_port = start_script(ROOT / "tests" / "support" / "fake_upstream.py")
         self.ceiling, self.ceiling_port = start_script(ROOT / "bench" / "ceiling.py")
@@ -261,8 +262,15 @@ class Bench:
 
     def service(self, **env: str) -> Service:
         if self.postgres is not None and self.label:
-            # A database of its own per service, so no phase sees another's rows.
-            env = {"DATABASE_URL": self.postgres.new_database(), **env}
+            # Each phase starts on a quiet server: the last phase's database is dropped (no
+            # autovacuum of its rows during this one) and the pages it dirtied are written now,
+            # not by a checkpoint in the middle of this phase (pgbench vacuums before a run for the
+            # same reason). A database of its own per service, so no phase sees another's rows.
+            while self.databases:
+                self.postgres.drop_database(self.databases.pop())
+            self.postgres.admin("CHECKPOINT")
+            self.databases.append(self.postgres.new_database())
+            env = {"DATABASE_URL": self.databases[-1], **env}
         return Service(upstream_port=self.upstream_port, workdir=self.workdir, env_extra=env)
 
     def paired(
