@@ -39,6 +39,7 @@ from llm_proxy.dashboard.sessions import (
     COOKIE,
     Session,
     Sessions,
+    SignedOut,
     SignInThrottle,
     client_address,
     is_https,
@@ -109,6 +110,7 @@ class Dashboard:
         rate_limits: RateLimits | None = None,
         throttle: SignInThrottle | None = None,
         sessions: Sessions | None = None,
+        signed_out: SignedOut | None = None,
     ) -> None:
         self._service = service
         self._queue = queue
@@ -116,6 +118,7 @@ class Dashboard:
         self._keys = KeyChecker(api_keys)
         self._owners = frozenset(owner_of(key) for key in api_keys)
         self._sessions = sessions or Sessions(api_keys)
+        self._signed_out = signed_out
         self._throttle = throttle or SignInThrottle()
         self._max_concurrent = max_concurrent
         self._rate_limits = rate_limits
@@ -139,6 +142,8 @@ class Dashboard:
     def session(self) -> Session | None:
         found = self._sessions.read(request.get_cookie(COOKIE))
         if found is None or found.owner not in self._owners:
+            return None
+        if self._signed_out is not None and self._signed_out.ended(found.nonce):
             return None
         return found
 
@@ -305,6 +310,11 @@ class Dashboard:
             checked = self._checked_post()
             if isinstance(checked, HTTPResponse):
                 return checked
+            session, _ = checked
+            if self._signed_out is not None:
+                # For every process: a copy of the cookie (kept by a browser, or stolen) no longer
+                # opens the dashboard.
+                self._signed_out.end(session.nonce, session.expires_at)
             reply = HTTPResponse(status=303, headers={"Location": f"{PREFIX}/sign-in"})
             reply.set_header("Set-Cookie", self._cookie("", 0))
             return reply

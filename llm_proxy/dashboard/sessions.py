@@ -5,7 +5,8 @@ of them): every web process and dyno derives the same one without storing anythi
 only be forged by someone who holds every API key (who could sign in anyway), and changing or
 revoking any API key ends every session. The cookie holds the owner tag (a digest, never the key),
 its expiry and a random nonce; the CSRF token is an HMAC of the nonce, so it is tied to the session
-and needs no server-side state.
+and needs no server-side state. Signing out is the one thing kept: the ended session's nonce, in the
+back end, until its expiry (``SignedOut``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ipaddress
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,16 @@ class Session:
     owner: str
     expires_at: int
     nonce: str
+
+
+@dataclass(frozen=True)
+class SignedOut:
+    """Where sign-outs are kept for every process (the back end): a signed cookie stays valid
+    until it expires, so signing out records its session as ended."""
+
+    end: Callable[[str, float], None]
+    """Record a session (its nonce) as ended until its expiry (seconds since the epoch)."""
+    ended: Callable[[str], bool]
 
 
 class Sessions:

@@ -544,6 +544,15 @@ class Backend(ABC):
         process created it), else the kept one (False)."""
 
     @abstractmethod
+    def end_session(self, session: str, until: float) -> None:
+        """Record that the dashboard session ``session`` was signed out, for every process, until
+        ``until`` (seconds since the epoch: when it would have expired anyway)."""
+
+    @abstractmethod
+    def session_ended(self, session: str) -> bool:
+        """Whether ``session`` was signed out (``end_session``) and would not have expired yet."""
+
+    @abstractmethod
     def describe_key_store(self) -> str:
         """Where ``keep_key`` keeps the key, for the message that names it."""
 

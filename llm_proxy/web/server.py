@@ -22,6 +22,7 @@ from llm_proxy.api.models import ModelList
 from llm_proxy.api.service import RequestService
 from llm_proxy.api.waiters import Waiters
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
+from llm_proxy.dashboard.sessions import SignedOut
 from llm_proxy.dashboard.views import rate_limit_rows
 from llm_proxy.observability.metrics import ENV as METRICS_ENV
 from llm_proxy.observability.metrics import Metrics, enable_multiprocess, exposition, reported_remaining
@@ -114,6 +115,7 @@ def build_web(config: Config) -> Web:
         api_keys=keys,
         max_concurrent=config.max_concurrent,
         rate_limits=lambda: rate_limit_rows(backend.queue.throttles(), reported_remaining(), time.time()),
+        signed_out=SignedOut(end=backend.end_session, ended=backend.session_ended),
     )
     app = with_dashboard(app, dashboard.wsgi())
     return Web(app=app, config=config, closers=[waiters, backend, upstream])

@@ -404,6 +404,25 @@ def test_odd_texts_survive_the_batched_writes(backend: Backend) -> None:
         assert json.loads(stored.response_json or "") == {"text": texts[c.job.request_id]}
 
 
+def test_a_signed_out_session_stays_ended_until_its_expiry(
+    backend: Backend, opener: Callable[[Path], Backend], tmp_path: Path
+) -> None:
+    assert not backend.session_ended("a")
+    backend.end_session("a", time.time() + 60)
+    backend.end_session("gone", time.time() - 1)
+    assert backend.session_ended("a")
+    assert not backend.session_ended("b") and not backend.session_ended("gone")
+    # Ending it again (two tabs signing out) changes nothing.
+    backend.end_session("a", time.time() + 60)
+    assert backend.session_ended("a")
+    # Every process sees it (the embedded back end: another process on the same DATA_DIR).
+    other = opener(tmp_path)
+    try:
+        assert other.session_ended("a") and not other.session_ended("b")
+    finally:
+        other.close()
+
+
 # -- StatusStore -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from webtest import TestApp, TestRequest
 
 from conftest import API_KEY
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
-from llm_proxy.dashboard.sessions import COOKIE, Sessions, SignInThrottle
+from llm_proxy.dashboard.sessions import COOKIE, Sessions, SignedOut, SignInThrottle
 from llm_proxy.domain.status import Status
 from support.web import OTHER_KEY, InProcessWeb, chat
 
@@ -35,6 +35,7 @@ class Dash:
             max_concurrent=2,
             throttle=SignInThrottle(free=2, longest=60),
             sessions=self.sessions,
+            signed_out=SignedOut(end=web.backend.end_session, ended=web.backend.session_ended),
         )
         # Reached through a proxy of ours (as Heroku's router): its X-Forwarded-For is believed.
         self.wsgi = with_dashboard(web.app.app, dashboard.wsgi())
@@ -203,6 +204,23 @@ def test_sign_out_ends_the_session_in_the_browser(dash: Dash) -> None:
     assert "Max-Age=0" in reply.headers["Set-Cookie"]
     dash.app.get("/dashboard", status=303)
     dash.app.get("/dashboard/api/overview", status=401)
+
+
+def test_a_copy_of_a_signed_out_cookie_opens_nothing(dash: Dash) -> None:
+    """A signed cookie stays valid until it expires: signing out must end its session where it
+    is checked, or a copy (another browser tab's, a stolen one) would go on working."""
+    dash.sign_in()
+    kept = dash.app.cookies[COOKIE]
+    other = TestApp(dash.wsgi, extra_environ={"HTTP_HOST": HOST, "REMOTE_ADDR": "10.1.2.4"})
+    other.set_cookie(COOKIE, kept)
+    other.get("/dashboard", status=200)
+    token = dash.csrf()
+    dash.app.post("/dashboard/sign-out", {"csrf": token}, headers={"Origin": ORIGIN}, status=303)
+    other.get("/dashboard", status=303)
+    other.get("/dashboard/api/overview", status=401)
+    # Signing in again starts a new session, which works.
+    dash.sign_in()
+    dash.app.get("/dashboard", status=200)
 
 
 def test_the_requests_page_filters_and_pages_by_cursor(dash: Dash) -> None:

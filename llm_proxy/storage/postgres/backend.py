@@ -216,6 +216,24 @@ class PostgresBackend(Backend):
             row = connection.execute("SELECT value FROM llm_proxy_settings WHERE name = 'api_key'").fetchone()
             return str(row[0]) if row else candidate, False
 
+    def end_session(self, session: str, until: float) -> None:
+        with self._db.transaction("cannot record a sign-out") as connection:
+            # Sign-outs are rare: each one also drops the rows whose sessions expired.
+            connection.execute("DELETE FROM llm_proxy_signed_out WHERE until <= now()")
+            connection.execute(
+                "INSERT INTO llm_proxy_signed_out VALUES (%s, to_timestamp(%s))"
+                " ON CONFLICT (session) DO UPDATE SET until = excluded.until",
+                (session, until),
+            )
+
+    def session_ended(self, session: str) -> bool:
+        rows = self._db.execute(
+            "cannot read sign-outs",
+            "SELECT 1 FROM llm_proxy_signed_out WHERE session = %s AND until > now()",
+            (session,),
+        )
+        return bool(rows)
+
     def describe_key_store(self) -> str:
         return "the database (DATABASE_URL)"
 

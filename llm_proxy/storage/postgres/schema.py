@@ -222,6 +222,10 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN json_build_object('free', free, 'rates', rates, 'candidates', candidates);
     END $$;
     """,
+    # Dashboard sessions signed out before their expiry; a row goes once that expiry passes.
+    """
+    CREATE TABLE llm_proxy_signed_out (session text PRIMARY KEY, until timestamptz NOT NULL);
+    """,
 )
 
 

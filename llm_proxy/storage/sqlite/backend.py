@@ -46,6 +46,11 @@ _HEALTH_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS llm_proxy_health (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID"
 )
 _MARK = "INSERT OR REPLACE INTO llm_proxy_health VALUES (?, ?)"
+# Dashboard sessions signed out before their expiry; a row goes once that expiry passes.
+_SIGNED_OUT_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS llm_proxy_signed_out (session TEXT PRIMARY KEY, until REAL NOT NULL)"
+    " WITHOUT ROWID"
+)
 _LAST_BEAT = "SELECT at FROM llm_proxy_health WHERE name = 'worker'"
 
 
@@ -56,6 +61,7 @@ def _health_connection(database: Path) -> sqlite3.Connection:
         raise StorageUnavailable(f"cannot open {database}: {exc}") from exc
     try:
         connection.execute(_HEALTH_SCHEMA)
+        connection.execute(_SIGNED_OUT_SCHEMA)
         connection.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT * 1000)}")
         # A heartbeat lost in a power cut costs nothing: the next one comes within seconds.
         connection.execute("PRAGMA synchronous = NORMAL")
@@ -173,6 +179,26 @@ class EmbeddedBackend(Backend):
         a cancel taking a waiting job out and storing its status. Costs one indexed read of the
         status store plus a lookup per unfinished request (a few: those in flight)."""
         return [rid for rid in self.statuses.unfinished() if self.queue.find(rid) is None]
+
+    def end_session(self, session: str, until: float) -> None:
+        def write() -> None:
+            # Sign-outs are rare: each one also drops the rows whose sessions expired.
+            self._health.execute("DELETE FROM llm_proxy_signed_out WHERE until <= ?", (time.time(),))
+            self._health.execute(
+                "INSERT OR REPLACE INTO llm_proxy_signed_out VALUES (?, ?)", (session, until)
+            )
+
+        retrying("cannot record a sign-out", write, PATIENCE)
+
+    def session_ended(self, session: str) -> bool:
+        row = retrying(
+            "cannot read sign-outs",
+            lambda: self._health.execute(
+                "SELECT 1 FROM llm_proxy_signed_out WHERE session = ? AND until > ?", (session, time.time())
+            ).fetchone(),
+            PATIENCE,
+        )
+        return row is not None
 
     def beat(self, holder: str) -> None:
         retrying(
