@@ -46,6 +46,9 @@ log = logging.getLogger("llm_proxy.api")
 OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+STORED_RESPONSE = re.compile(r"^(resp_[A-Za-z0-9]{1,200})(/input_items)?$")
+"""The upstream's own id of a Responses API answer (``store``), read or deleted there."""
+_RELAYED_QUERY = re.compile(r"^[A-Za-z0-9_.~%=&+\-\[\]]*$")
 RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "10"
 RETRY_AFTER_POLL = "1"
@@ -161,9 +164,12 @@ def create_app(
     signals: WebSignals | None = None,
     health: Callable[[], Health] = lambda: HEALTHY,
     models: Callable[[], Outcome] | None = None,
+    relay: Callable[[str, str], Outcome] | None = None,
 ) -> WSGIApp:
     """``models`` lists the upstream's models (``ModelList.get``); without it ``GET /v1/models``
-    answers 502, as for an upstream that cannot be reached."""
+    answers 502, as for an upstream that cannot be reached. ``relay(method, path)`` makes a call
+    without a body to the upstream (``UpstreamClient.fetch``): the Responses API's stored answers
+    are read and deleted there by their own ids; without it those ids are not found."""
     # Exceptions propagate to SecureJSONMiddleware, which logs them once and answers a JSON 500
     # (with catchall, Bottle would also write the traceback to wsgi.errors).
     api = Bottle()
@@ -309,7 +315,27 @@ def create_app(
             headers=headers,
         )
 
+    def stored_response(method: str, request_id: str) -> HTTPResponse | None:
+        """A Responses API answer kept by the upstream (``store``), by the id the upstream gave
+        it: the SDK's ``responses.retrieve``, ``input_items.list`` and ``delete`` pass through."""
+        found = STORED_RESPONSE.match(request_id)
+        if relay is None or found is None or (method == "DELETE" and found.group(2)):
+            return None
+        query = request.query_string
+        if not _RELAYED_QUERY.match(query) or "stream" in request.query:
+            return error_response(
+                400, "Only plain reads of a stored response are relayed (no stream).", "invalid_request_error"
+            )
+        answer = relay(method, f"responses/{request_id}" + (f"?{query}" if query else ""))
+        if not answer.ok:
+            return failed_answer(answer.error, {})
+        reply = HTTPResponse(body=answer.response_json, status=answer.status or 200)
+        reply.content_type = "application/json"
+        return reply
+
     def status(endpoint: Endpoint, request_id: str, owner: str) -> HTTPResponse:
+        if endpoint is Endpoint.RESPONSES and (relayed := stored_response("GET", request_id)) is not None:
+            return relayed
         wait = wait_seconds(request.query.get("wait"), settings.sync_wait_max)
         if wait is None:
             return error_response(
@@ -329,6 +355,8 @@ def create_app(
         return reply
 
     def cancel(endpoint: Endpoint, request_id: str, owner: str) -> HTTPResponse:
+        if endpoint is Endpoint.RESPONSES and (relayed := stored_response("DELETE", request_id)) is not None:
+            return relayed
         if not belongs(request_id, endpoint):
             return not_found()
         try:

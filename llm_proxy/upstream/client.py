@@ -63,7 +63,7 @@ class UpstreamClient:
         parts = urllib3.util.parse_url(base_url.rstrip("/") + "/" + Endpoint.CHAT.value)
         base = base_url.rstrip("/") + "/"
         self._paths = {e: urllib3.util.parse_url(base + e.value).request_uri for e in Endpoint}
-        self._models_path = urllib3.util.parse_url(base + "models").request_uri
+        self._base = base
         self._timeout = timeout
         self._max_bytes = max_response_bytes
         self._pool = urllib3.connection_from_url(
@@ -169,11 +169,17 @@ class UpstreamClient:
 
     def models(self) -> Outcome:
         """``GET {base_url}/models``, once, under the same deadline as a call."""
+        return self.fetch("GET", "models")
+
+    def fetch(self, method: str, path: str) -> Outcome:
+        """``method {base_url}/{path}`` (``path`` may carry a query string) without a body, once,
+        under the same deadline as a call."""
+        target = urllib3.util.parse_url(self._base + path).request_uri
 
         def attempt(ends: float) -> Outcome:
             reply = self._pool.urlopen(
-                "GET",
-                self._models_path,
+                method,
+                target,
                 headers=self._headers,
                 redirect=False,
                 retries=False,

@@ -76,7 +76,8 @@ def build_web(config: Config) -> Web:
         signals.announce_final(request_id)
 
     finalizer = Finalizer(backend=backend, result_ttl=config.result_ttl, announce=announce, metrics=Metrics())
-    # Only for GET /v1/models: the worker makes every other upstream call.
+    # Only for GET /v1/models and the Responses API's stored answers: the worker makes every
+    # request's call.
     upstream = UpstreamClient(
         base_url=config.openai_api_base_url,
         api_key=config.openai_api_key,
@@ -107,6 +108,7 @@ def build_web(config: Config) -> Web:
         signals=signals,
         health=HealthMonitor(backend.probe, worker_silence=worker_silence(config.lease_timeout)).check,
         models=ModelList(upstream.models).get,
+        relay=upstream.fetch,
     )
     dashboard = Dashboard(
         service=service,

@@ -126,3 +126,52 @@ def test_queued_polled_hooked_and_kept_apart(
     ]
     metrics = requests.get(f"{service.url}/metrics", headers=headers, timeout=10).text
     assert 'llm_proxy_requests_total{endpoint="embeddings",status="completed"} 1.0' in metrics
+
+
+def test_the_upstreams_stored_responses_are_read_and_deleted_through_the_proxy(
+    make_service: MakeService, backend_env: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    """``store`` keeps a Responses API answer at the upstream under its own ``resp_`` id: the
+    SDK's retrieve, input_items.list and delete reach it through the proxy as they would OpenAI."""
+    service = make_service(**backend_env)
+    fake_upstream.reset()
+    client = sdk(service)
+    created = client.responses.create(model="gpt-test", input="keep me")
+    assert created.id.startswith("resp_")
+
+    again = client.responses.retrieve(created.id, include=["message.output_text.logprobs"])
+    assert again.id == created.id and again.output_text == "echo: keep me"
+    assert fake_upstream.stats()["stored_queries"] == ["include%5B%5D=message.output_text.logprobs"]
+    items = client.responses.input_items.list(created.id)
+    assert [(getattr(item, "role", None), item.id) for item in items.data] == [("user", "msg_in_0")]
+
+    client.responses.delete(created.id)
+    try:
+        client.responses.retrieve(created.id)
+        raise AssertionError("expected a NotFoundError")
+    except openai.NotFoundError as exc:
+        assert f"Response with id '{created.id}' not found." in str(exc)
+
+    # The proxy's own ids still answer from the proxy; other shapes are not relayed anywhere.
+    queued = requests.post(
+        f"{service.url}/v1/responses",
+        json={"model": "gpt-test", "input": "mine"},
+        headers={**service.headers(), "Prefer": "respond-async"},
+        timeout=10,
+    ).json()
+    mine = requests.get(
+        f"{service.url}/v1/responses/{queued['request_id']}?wait=10", headers=service.headers(), timeout=20
+    )
+    assert mine.json()["request_id"] == queued["request_id"]
+    # (An HTTP client removes dot segments before sending; these are what reaches the proxy.)
+    for path in ("resp_1%2F..%2F..%2Fmodels", "resp_x/input_items/more", "msg_1", "resp_1%2F..%2Fmodels"):
+        lost = requests.get(f"{service.url}/v1/responses/{path}", headers=service.headers(), timeout=10)
+        assert lost.status_code == 404 and lost.json()["error"]["type"] == "request_not_found", path
+    streamed = requests.get(
+        f"{service.url}/v1/responses/{created.id}?stream=true", headers=service.headers(), timeout=10
+    )
+    assert streamed.status_code == 400 and streamed.json()["error"]["type"] == "invalid_request_error"
+    # Without an API key, nothing is relayed.
+    assert requests.get(f"{service.url}/v1/responses/{created.id}", timeout=10).status_code == 401
+    gets = [p for p in fake_upstream.stats()["paths"] if p.startswith("/v1/responses/")]
+    assert sorted(gets) == sorted({f"/v1/responses/{created.id}", f"/v1/responses/{created.id}/input_items"})

@@ -28,7 +28,9 @@ Besides ``POST /v1/chat/completions``: ``POST /v1/embeddings`` (a small vector p
 ``encoding_format`` asks), ``POST /v1/completions`` and ``POST /v1/responses`` (both echo their
 ``prompt`` / ``input``, streamed with ``stream``: text_completion chunks ending with ``[DONE]``, or the
 Responses API's typed events ending with ``response.completed``), all steered by ``x_fake`` the same
-way, and ``GET /v1/models``; ``/_stats`` counts calls by ``path``.
+way, and ``GET /v1/models``; ``/_stats`` counts calls by ``path``. Responses API answers are kept (unless
+``store: false``) for ``GET`` and ``DELETE /v1/responses/{id}`` and ``GET .../input_items``, as OpenAI keeps
+them; ``/_stats`` lists those calls' query strings in ``stored_queries``.
 """
 
 from gevent import monkey
@@ -133,6 +135,9 @@ class FakeUpstream:
         self.admitted: dict[str, list[float]] = {}
         self.rejected: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()
+        # Responses API answers kept as OpenAI keeps them (``store``), with their inputs.
+        self.stored: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        self.stored_queries: list[str] = []
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -151,6 +156,7 @@ class FakeUpstream:
             "admitted": self.admitted,
             "rejected": dict(self.rejected),
             "paths": dict(self.paths),
+            "stored_queries": self.stored_queries,
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -172,6 +178,10 @@ class FakeUpstream:
             self.paths[path] += 1
             models = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in MODELS]
             return self._json(start_response, 200, {"object": "list", "data": models})
+        if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
+            self.paths[path] += 1
+            self.stored_queries.append(environ.get("QUERY_STRING", ""))
+            return self._stored(start_response, method, path.removeprefix("/v1/responses/"))
         if path not in ENDPOINTS or method != "POST":
             return self._json(start_response, 404, {"error": {"message": "no such route"}})
         self.paths[path] += 1
@@ -392,7 +402,9 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
             }
             return self._json(start_response, 200, completion, headers)
-        return self._json(start_response, 200, self._response(body, text, created, "completed"), headers)
+        return self._json(
+            start_response, 200, self._kept(body, self._response(body, text, created, "completed")), headers
+        )
 
     def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         given = body.get("input")
@@ -416,6 +428,53 @@ class FakeUpstream:
             "model": body.get("model"),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    def _kept(self, body: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+        """The response, kept for GET and DELETE unless the request said ``store: false``."""
+        if body.get("store", True) is not False:
+            given = body.get("input")
+            items = given if isinstance(given, list) else [{"role": "user", "content": given}]
+            inputs = [
+                {
+                    "id": f"msg_in_{n}",
+                    "type": "message",
+                    "status": "completed",
+                    "role": item.get("role", "user"),
+                    "content": [{"type": "input_text", "text": item.get("content")}]
+                    if isinstance(item.get("content"), str)
+                    else item.get("content"),
+                }
+                for n, item in enumerate(items)
+                if isinstance(item, dict)
+            ]
+            self.stored[response["id"]] = (response, inputs)
+        return response
+
+    def _stored(self, start_response: Any, method: str, rest: str) -> list[bytes]:
+        response_id, _, tail = rest.partition("/")
+        found = self.stored.get(response_id)
+        if found is None or tail not in ("", "input_items") or (method == "DELETE" and tail):
+            error = {
+                "message": f"Response with id '{response_id}' not found.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+            return self._json(start_response, 404, {"error": error})
+        response, inputs = found
+        if method == "DELETE":
+            del self.stored[response_id]
+            return self._json(start_response, 200, {"id": response_id, "object": "response", "deleted": True})
+        if tail:
+            listed = {
+                "object": "list",
+                "data": inputs,
+                "first_id": inputs[0]["id"] if inputs else None,
+                "last_id": inputs[-1]["id"] if inputs else None,
+                "has_more": False,
+            }
+            return self._json(start_response, 200, listed)
+        return self._json(start_response, 200, response)
 
     def _response(self, body: dict[str, Any], text: str, created: int, status: str) -> dict[str, Any]:
         """A Responses API ``response`` object with one output message (none while in progress)."""
@@ -473,7 +532,7 @@ class FakeUpstream:
         """The Responses API's typed events, as OpenAI sends them: no ``[DONE]``, the stream ends
         after ``response.completed``."""
         text = "".join(pieces)
-        final = self._response(body, text, created, "completed")
+        final = self._kept(body, self._response(body, text, created, "completed"))
         message = final["output"][0]
         number = 0
 
