@@ -26,21 +26,13 @@ def next_batch(
     what: str,
 ) -> list[T]:
     """What ``take`` returns; when that is nothing, return [] after a nudge or ``poll_interval``
-    (the nudge is only a hint), and after ``STORAGE_RETRY`` when the store cannot be read or
-    ``take`` fails otherwise. A callable ``poll_interval`` is asked after ``take`` (a rate limit
-    may say when work can go)."""
+    (the nudge is only a hint), and after ``STORAGE_RETRY`` when the store cannot be read. A
+    callable ``poll_interval`` is asked after ``take`` (a rate limit may say when work can go)."""
     nudged.clear()
     try:
         batch = take()
     except StorageUnavailable as exc:
         log.error("cannot take %s, retrying in %.0f s: %s", what, STORAGE_RETRY, exc)
-        stopping.wait(STORAGE_RETRY)
-        return []
-    except Exception:
-        # A fault of this code, not of the store: the process lives on (its calls in flight
-        # finish, their leases are kept) and says so in the log, instead of exiting to be
-        # restarted into the same fault.
-        log.exception("taking %s failed, retrying in %.0f s", what, STORAGE_RETRY)
         stopping.wait(STORAGE_RETRY)
         return []
     if not batch:

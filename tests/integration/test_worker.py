@@ -16,7 +16,6 @@ from conftest import body, wait_until
 from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
-from llm_proxy.services import draining
 from llm_proxy.services.finalize import Finalizer
 from llm_proxy.storage.base import CancelResult, Claim, Renewal, StorageUnavailable
 from llm_proxy.storage.factory import open_backend
@@ -167,25 +166,6 @@ def test_completes_and_acks(rig: Rig) -> None:
     assert entry.status is Status.COMPLETED and entry.attempts == 1
     assert entry.response_json == OK.response_json
     wait_until(lambda: rig.queue.counts().in_flight == 0 and rig.queue.counts().waiting == 0)
-
-
-def test_a_claim_failing_with_a_bug_is_logged_and_retried_and_the_worker_lives_on(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(draining, "STORAGE_RETRY", 0.05)
-    claim_many = rig.queue.claim_many
-    failures = iter([ValueError("a bug in the claim")])
-
-    def faulty(*args: Any, **kwargs: Any) -> list[Claim]:
-        for failure in failures:
-            raise failure
-        return claim_many(*args, **kwargs)
-
-    monkeypatch.setattr(rig.queue, "claim_many", faulty)
-    rig.submit("a")
-    rig.start()
-    assert rig.final("a").status is Status.COMPLETED
-    assert "taking requests failed" in caplog.text and "a bug in the claim" in caplog.text
 
 
 def test_retries_with_backoff_then_completes(rig: Rig) -> None:
