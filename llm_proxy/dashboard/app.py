@@ -98,6 +98,11 @@ def _cursor(raw: str | None) -> tuple[int, str] | None:
     return int(at), request_id
 
 
+SIGNED_OUT_MARGIN = 3600
+"""Seconds a sign-out is kept past its session's expiry: the store's clock may run ahead of the
+web process's, which judges the expiry."""
+
+
 class Dashboard:
     def __init__(
         self,
@@ -239,6 +244,26 @@ class Dashboard:
         app = Bottle()
         app.config["catchall"] = False
 
+        def store_guarded(callback: Callable[..., Any]) -> Callable[..., Any]:
+            # Every route reads the store at least for its session (``SignedOut``): when it
+            # cannot, a 503 that says to retry, as JSON under the API, never a 500.
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return callback(*args, **kwargs)
+                except StorageUnavailable as exc:
+                    if request.path.startswith(f"{PREFIX}/api/"):
+                        log.error("dashboard: storage unavailable: %s", exc)
+                        reply = json_response(
+                            503, {"error": {"message": "Retry shortly.", "type": "service_unavailable"}}
+                        )
+                        reply.set_header("Retry-After", "5")
+                        return reply
+                    return self._unavailable(exc)
+
+            return guarded
+
+        app.install(store_guarded)
+
         def signed_in_page(page: Callable[..., HTTPResponse]) -> Callable[..., HTTPResponse]:
             def guarded(**kwargs: Any) -> HTTPResponse:
                 session = self.session()
@@ -307,15 +332,19 @@ class Dashboard:
             return reply
 
         def sign_out() -> HTTPResponse:
-            checked = self._checked_post()
-            if isinstance(checked, HTTPResponse):
-                return checked
-            session, _ = checked
-            if self._signed_out is not None:
-                # For every process: a copy of the cookie (kept by a browser, or stolen) no longer
-                # opens the dashboard.
-                self._signed_out.end(session.nonce, session.expires_at)
-            reply = HTTPResponse(status=303, headers={"Location": f"{PREFIX}/sign-in"})
+            try:
+                checked = self._checked_post()
+                if isinstance(checked, HTTPResponse):
+                    return checked
+                session, _ = checked
+                if self._signed_out is not None:
+                    # For every process: a copy of the cookie (kept by a browser, or stolen) no
+                    # longer opens the dashboard.
+                    self._signed_out.end(session.nonce, session.expires_at + SIGNED_OUT_MARGIN)
+                reply = HTTPResponse(status=303, headers={"Location": f"{PREFIX}/sign-in"})
+            except StorageUnavailable as exc:
+                # This browser is signed out all the same; the page says to retry for the rest.
+                reply = self._unavailable(exc)
             reply.set_header("Set-Cookie", self._cookie("", 0))
             return reply
 

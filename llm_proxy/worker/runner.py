@@ -98,6 +98,9 @@ class JobRunner:
         # waiting to retry), and cancels that arrived when it could not be.
         self._interruptible: set[str] = set()
         self._cancels: set[str] = set()
+        # Requests whose claim stored their first attempt (``opening``) and whose call has not
+        # begun: stopped or cancelled now, that attempt does not count.
+        self._unbegun: set[str] = set()
 
     def cancel(self, request_id: str) -> bool:
         """Record a cancel for a job running here. True when its greenlet may be killed with
@@ -123,13 +126,8 @@ class JobRunner:
             log.warning("request %s: lease lost; left to its new holder", job.request_id)
         except Cancelled:
             slot.release()
-            current = self._statuses.get(job.request_id)
-            self._finish(
-                claim,
-                Status.CANCELLED,
-                attempts=current.attempts_made if current else 0,
-                history=closed(current.history, "cancelled") if current else (),
-            )
+            attempts, history = self._counted(claim, self._statuses.get(job.request_id))
+            self._finish(claim, Status.CANCELLED, attempts=attempts, history=closed(history, "cancelled"))
         except StorageUnavailable as exc:
             log.error("request %s: storage failed, it will be retried: %s", job.request_id, exc)
             self._release_when_possible(claim)
@@ -146,7 +144,7 @@ class JobRunner:
                 error={
                     "message": "the proxy failed while processing the request",
                     "type": "internal_error",
-                    "attempts": self._attempts_of(job),
+                    "attempts": self._counted(claim, self._statuses.get(job.request_id))[0],
                 },
             )
         finally:
@@ -155,9 +153,12 @@ class JobRunner:
                 self._limiter.forget(job.request_id)
             self._cancels.discard(job.request_id)
             self._interruptible.discard(job.request_id)
+            self._unbegun.discard(job.request_id)
 
     def _process(self, claim: Claim, slot: Slot) -> None:
         job = claim.job
+        if claim.opened_at is not None:
+            self._unbegun.add(job.request_id)
         if claim.cancel_requested:
             raise Cancelled
         # A job handed out for the first time cannot have a status yet.
@@ -196,6 +197,7 @@ class JobRunner:
             started = time.monotonic()
             try:
                 with self._cancellable(job.request_id):
+                    self._unbegun.discard(job.request_id)
                     outcome = self._call(job)
             except GracefulStop:
                 # A call cut short by shutdown does not count against the request.
@@ -307,21 +309,28 @@ class JobRunner:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX)
 
-    def _attempts_of(self, job: Job) -> int:
-        entry = self._statuses.get(job.request_id)
-        return entry.attempts_made if entry else 0
+    def _counted(self, claim: Claim, entry: StatusEntry | None) -> tuple[int, tuple[Attempt, ...]]:
+        """The attempts and history of ``entry`` that count: without the attempt this claim
+        stored (``opening``) when its call never began."""
+        if entry is None:
+            return 0, ()
+        attempts, history = entry.attempts_made, entry.history
+        opened = claim.opened_at
+        if (
+            claim.job.request_id in self._unbegun
+            and opened is not None
+            and history
+            and history[-1] == Attempt(started_at=opened)
+        ):
+            return max(0, attempts - 1), history[:-1]
+        return attempts, history
 
     def _put_back(self, claim: Claim) -> None:
         job = claim.job
         try:
             entry = self._statuses.get(job.request_id)
             if entry is None or entry.status is not Status.PENDING:
-                attempts = entry.attempts_made if entry else 0
-                history = entry.history if entry else ()
-                opened = claim.opened_at
-                if opened is not None and history and history[-1] == Attempt(started_at=opened):
-                    # The attempt this claim stored, its call not begun: it does not count.
-                    attempts, history = max(0, attempts - 1), history[:-1]
+                attempts, history = self._counted(claim, entry)
                 self._statuses.put(
                     job.request_id,
                     entry_for(job, Status.PENDING, attempts=attempts, history=history),
@@ -337,8 +346,17 @@ class JobRunner:
         """Hand the job back once the store works again. Should the worker stop first, the claim's
         lease lapses and the job waits again then."""
         delay = 1.0
+        job = claim.job
         while not self._stopping.wait(delay):
             try:
+                if job.request_id in self._unbegun:
+                    # The attempt its claim stored never called: it does not count.
+                    attempts, history = self._counted(claim, self._statuses.get(job.request_id))
+                    self._statuses.put(
+                        job.request_id,
+                        entry_for(job, Status.PENDING, attempts=attempts, history=history),
+                        claim=claim,
+                    )
                 self._queue.release(claim)
                 return
             except StorageUnavailable:

@@ -356,7 +356,17 @@ def test_odd_texts_survive_the_batched_writes(backend: Backend) -> None:
     ]
     for each in jobs:
         backend.queue.put(each)
-    held = claim(backend.queue, limit=len(jobs))
+
+    def opening(opened: Job, started_at: int) -> StatusEntry:
+        return StatusEntry(
+            status=Status.PROCESSING, request_json=opened.body_json, owner="o", timestamp=started_at
+        )
+
+    # The claim's own statement carries the openings (where the store writes them).
+    held = backend.queue.claim_many(len(jobs), holder="w1", lease_seconds=60, opening=opening)
+    for c in held:
+        opened = backend.statuses.get(c.job.request_id)
+        assert c.opened_at is None or (opened is not None and opened.request_json == c.job.body_json)
 
     def entry(taken: Claim, status: Status, text: str) -> StatusEntry:
         return StatusEntry(

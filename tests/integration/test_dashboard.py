@@ -17,6 +17,7 @@ from conftest import API_KEY
 from llm_proxy.dashboard.app import Dashboard, with_dashboard
 from llm_proxy.dashboard.sessions import COOKIE, Sessions, SignedOut, SignInThrottle
 from llm_proxy.domain.status import Status
+from llm_proxy.storage.base import StorageUnavailable
 from support.web import OTHER_KEY, InProcessWeb, chat
 
 HOST = "dash.test"
@@ -221,6 +222,32 @@ def test_a_copy_of_a_signed_out_cookie_opens_nothing(dash: Dash) -> None:
     # Signing in again starts a new session, which works.
     dash.sign_in()
     dash.app.get("/dashboard", status=200)
+
+
+def test_a_store_that_cannot_say_who_signed_out_answers_503_never_500(dash: Dash, tmp_path: Path) -> None:
+    def unavailable(*args: Any) -> Any:
+        raise StorageUnavailable("cannot read sign-outs: the database is gone")
+
+    dash.sign_in()
+    token = dash.csrf()
+    failing = Dashboard(
+        service=dash.web.service,
+        queue=dash.web.queue,
+        index=dash.web.backend.requests,
+        api_keys=[API_KEY, OTHER_KEY],
+        max_concurrent=2,
+        sessions=dash.sessions,
+        signed_out=SignedOut(end=unavailable, ended=unavailable),
+    )
+    app = TestApp(with_dashboard(dash.web.app.app, failing.wsgi()), extra_environ={"HTTP_HOST": HOST})
+    app.set_cookie(COOKIE, dash.app.cookies[COOKIE])
+    page = app.get("/dashboard", status=503)
+    assert "retry shortly" in page.text and page.headers["Retry-After"] == "5"
+    answer = app.get("/dashboard/api/overview", status=503)
+    assert answer.json["error"]["type"] == "service_unavailable"
+    # Signing out still signs this browser out, and says to retry.
+    reply = app.post("/dashboard/sign-out", {"csrf": token}, headers={"Origin": ORIGIN}, status=503)
+    assert "Max-Age=0" in reply.headers["Set-Cookie"]
 
 
 def test_the_requests_page_filters_and_pages_by_cursor(dash: Dash) -> None:

@@ -160,6 +160,32 @@ def test_a_job_stopped_before_the_call_its_claim_opened_waits_again_without_that
         backend.close()
 
 
+def test_a_job_cancelled_before_the_call_its_claim_opened_ends_with_no_attempt(
+    database_url: str, tmp_path: Path
+) -> None:
+    backend = open_backend(data_dir=tmp_path, database_url=database_url)
+    try:
+        backend.queue.put(Job(request_id="chatreq_00000000000000000000", body={"model": "m"}, owner="o"))
+        runner = JobRunner(
+            queue=backend.queue,
+            statuses=backend.statuses,
+            upstream=_NoUpstream(),
+            finalizer=Finalizer(backend=backend, result_ttl=60, announce=lambda request_id: None),
+            policy=RetryPolicy(max_retries=1, base_delay=0.1, max_delay=1),
+            stopping=gevent.event.Event(),
+        )
+        [claim] = backend.queue.claim_many(1, holder="w", lease_seconds=60, opening=runner.opening)
+        assert claim.opened_at is not None
+        # The cancel arrives (by notification) after the claim, before the greenlet calls.
+        assert not runner.cancel(claim.job.request_id)
+        runner.run(claim, backend.concurrency_limit(1).hold(claim))
+        entry = backend.statuses.get(claim.job.request_id)
+        assert entry is not None and entry.status is Status.CANCELLED
+        assert (entry.attempts_made, entry.history) == (0, ())
+    finally:
+        backend.close()
+
+
 def test_a_slot_given_back_is_free_for_the_next_claim_before_its_job_finishes(
     database_url: str, tmp_path: Path
 ) -> None:
