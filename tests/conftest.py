@@ -13,7 +13,7 @@ import sys  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
 import requests  # noqa: E402
@@ -225,6 +225,14 @@ def make_service(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[Callab
         service.stop(signal.SIGKILL, timeout=10)
 
 
+def missing(message: str, require_env: str) -> NoReturn:
+    """A service a test needs is not on this machine: the test fails where ``require_env`` is 1
+    (as in CI, which installs it), and is skipped, saying what is missing, elsewhere."""
+    if os.environ.get(require_env) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer | None]:
     """A real PostgreSQL server for the whole run, or None when this machine has none."""
@@ -250,10 +258,9 @@ def database_url(postgres_server: PostgresServer | None) -> Iterator[str]:
     """A fresh, empty database of that server. Without a server the test is skipped, unless
     REQUIRE_POSTGRES=1 (as in CI), which makes it fail."""
     if postgres_server is None:
-        message = "no PostgreSQL server binaries (apt-get install postgresql): Postgres tests skipped"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(
+            "no PostgreSQL server binaries (apt-get install postgresql): Postgres tests skipped", REQUIRE_ENV
+        )
     url = postgres_server.new_database()
     yield url
     postgres_server.drop_database(url)

@@ -9,7 +9,6 @@ under the folder the test prints.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import API_KEY, Service, body
+from conftest import API_KEY, Service, body, missing
 from support.harness import wait_until
 
 REQUIRE_ENV = "REQUIRE_BROWSER"
@@ -39,10 +38,10 @@ def browser() -> Iterator[Any]:
     except ImportError:
         paths = None
     if paths is None:
-        message = "no headless Chromium (apt-get install chromium chromium-driver; pip install selenium)"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(
+            "no headless Chromium (apt-get install chromium chromium-driver; pip install selenium)",
+            REQUIRE_ENV,
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = paths[0]
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):

@@ -18,7 +18,7 @@ from llm_proxy.domain.job import Job
 from llm_proxy.domain.status import Status, StatusEntry
 from llm_proxy.ratelimit.book import RatePolicy
 from llm_proxy.services.finalize import Finalizer
-from llm_proxy.storage.base import DatabaseUnusable, Delivery
+from llm_proxy.storage.base import Backend, Claim, DatabaseUnusable, Delivery
 from llm_proxy.storage.factory import open_backend
 from llm_proxy.storage.postgres.database import Database, normalized_url, redacted
 from llm_proxy.storage.postgres.schema import MIGRATIONS, migrate
@@ -133,24 +133,30 @@ class _NoUpstream:
         raise AssertionError("no call was expected")
 
 
+def _opened_claim(backend: Backend, limiter: Limiter | None = None) -> tuple[JobRunner, Claim]:
+    """A runner that must not call, and one job claimed with its first attempt stored."""
+    backend.queue.put(Job(request_id="chatreq_00000000000000000000", body={"model": "m"}, owner="o"))
+    runner = JobRunner(
+        queue=backend.queue,
+        statuses=backend.statuses,
+        upstream=_NoUpstream(),
+        finalizer=Finalizer(backend=backend, result_ttl=60, announce=lambda request_id: None),
+        policy=RetryPolicy(max_retries=1, base_delay=0.1, max_delay=1),
+        stopping=gevent.event.Event(),
+        limiter=limiter,
+    )
+    [claim] = backend.queue.claim_many(1, holder="w", lease_seconds=60, opening=runner.opening)
+    opened = backend.statuses.get(claim.job.request_id)
+    assert claim.opened_at is not None and opened is not None and opened.attempts == 1
+    return runner, claim
+
+
 def test_a_job_stopped_before_the_call_its_claim_opened_waits_again_without_that_attempt(
     database_url: str, tmp_path: Path
 ) -> None:
     backend = open_backend(data_dir=tmp_path, database_url=database_url)
     try:
-        backend.queue.put(Job(request_id="chatreq_00000000000000000000", body={"model": "m"}, owner="o"))
-        runner = JobRunner(
-            queue=backend.queue,
-            statuses=backend.statuses,
-            upstream=_NoUpstream(),
-            finalizer=Finalizer(backend=backend, result_ttl=60, announce=lambda request_id: None),
-            policy=RetryPolicy(max_retries=1, base_delay=0.1, max_delay=1),
-            stopping=gevent.event.Event(),
-            limiter=_StoppedBeforeTheCall(RatePolicy(), backend.queue),
-        )
-        [claim] = backend.queue.claim_many(1, holder="w", lease_seconds=60, opening=runner.opening)
-        opened = backend.statuses.get(claim.job.request_id)
-        assert claim.opened_at is not None and opened is not None and opened.attempts == 1
+        runner, claim = _opened_claim(backend, _StoppedBeforeTheCall(RatePolicy(), backend.queue))
         runner.run(claim, backend.concurrency_limit(1).hold(claim))
         entry = backend.statuses.get(claim.job.request_id)
         assert entry is not None and entry.status is Status.PENDING
@@ -165,17 +171,7 @@ def test_a_job_cancelled_before_the_call_its_claim_opened_ends_with_no_attempt(
 ) -> None:
     backend = open_backend(data_dir=tmp_path, database_url=database_url)
     try:
-        backend.queue.put(Job(request_id="chatreq_00000000000000000000", body={"model": "m"}, owner="o"))
-        runner = JobRunner(
-            queue=backend.queue,
-            statuses=backend.statuses,
-            upstream=_NoUpstream(),
-            finalizer=Finalizer(backend=backend, result_ttl=60, announce=lambda request_id: None),
-            policy=RetryPolicy(max_retries=1, base_delay=0.1, max_delay=1),
-            stopping=gevent.event.Event(),
-        )
-        [claim] = backend.queue.claim_many(1, holder="w", lease_seconds=60, opening=runner.opening)
-        assert claim.opened_at is not None
+        runner, claim = _opened_claim(backend)
         # The cancel arrives (by notification) after the claim, before the greenlet calls.
         assert not runner.cancel(claim.job.request_id)
         runner.run(claim, backend.concurrency_limit(1).hold(claim))

@@ -141,25 +141,21 @@ def test_calls_admitted_after_the_reporting_one_are_not_counted_twice_or_forgott
     book.observe("m", sent_at=T0, estimate=1, report=report, status=200, used=None, now=T0 + 0.5)
     assert book.admit("m", 1, T0 + 0.5) is not None
     # The same, told exactly which calls came after it (as the worker does), within one 50 ms step.
-    exact = Book(RatePolicy())
-    assert exact.admit("m", 1, T0) is None
-    first = exact.admitted("m")
-    for _ in range(4):
+
+    def told_after(later: int) -> Book:
+        exact = Book(RatePolicy())
         assert exact.admit("m", 1, T0) is None
-    exact.observe(
-        "m", sent_at=T0, estimate=1, report=report, status=200, used=None, now=T0 + 0.01, admitted=first
-    )
-    assert exact.admit("m", 1, T0 + 0.01) is not None
+        first = exact.admitted("m")
+        for _ in range(later):
+            assert exact.admit("m", 1, T0) is None
+        exact.observe(
+            "m", sent_at=T0, estimate=1, report=report, status=200, used=None, now=T0 + 0.01, admitted=first
+        )
+        return exact
+
+    assert told_after(4).admit("m", 1, T0 + 0.01) is not None
     # One less after it: one may go.
-    again = Book(RatePolicy())
-    assert again.admit("m", 1, T0) is None
-    first = again.admitted("m")
-    for _ in range(3):
-        assert again.admit("m", 1, T0) is None
-    again.observe(
-        "m", sent_at=T0, estimate=1, report=report, status=200, used=None, now=T0 + 0.01, admitted=first
-    )
-    assert again.admit("m", 1, T0 + 0.01) is None
+    assert told_after(3).admit("m", 1, T0 + 0.01) is None
 
 
 def test_a_429_pauses_the_model_for_everybody_until_retry_after() -> None:

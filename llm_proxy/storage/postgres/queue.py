@@ -343,7 +343,7 @@ class PostgresJobQueue(JobQueue):
         if not taken:
             return []
         opened_at = now_ms()
-        opened = [c for c in taken if opening is not None and c.fresh and not c.cancel_requested]
+        opened = [c for c in taken if c.fresh and not c.cancel_requested] if opening is not None else []
         entries = [opening(c.job, opened_at) for c in opened] if opening is not None else []
         leased = connection.execute(
             _LEASE_ADMITTED,
