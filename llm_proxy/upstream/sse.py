@@ -342,12 +342,83 @@ def text_completion_as_events(completion: dict[str, Any]) -> bytes:
 
 
 def response_as_events(response: dict[str, Any]) -> bytes:
-    """``response.created`` (the response before its output) then ``response.completed`` with it
-    whole, as typed events; the Responses API sends no ``[DONE]``."""
-    started = {**response, "status": "in_progress", "output": []}
+    """A stored ``response`` as the typed events the Responses API streams: each output item
+    opened, its text (or refusal, or a function call's arguments) as one delta, closed, then
+    ``response.completed`` with the response whole. Clients read either the deltas or the last
+    event, and the SDK's ``responses.stream`` folds the events in order, so both must agree."""
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        events.append((kind, {"type": kind, **fields}))
+
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    emit("response.created", response=started)
+    emit("response.in_progress", response=started)
+    for output_index, item in enumerate(response.get("output") or []):
+        if not isinstance(item, dict):
+            continue
+        _item_events(emit, output_index, item)
     last = "response.incomplete" if response.get("status") == "incomplete" else "response.completed"
-    events = [
-        ("response.created", {"type": "response.created", "response": started, "sequence_number": 0}),
-        (last, {"type": last, "response": response, "sequence_number": 1}),
-    ]
-    return b"".join(Event(name.encode(), json.dumps(payload).encode()).raw for name, payload in events)
+    emit(last, response=response)
+    return b"".join(
+        Event(kind.encode(), json.dumps({**payload, "sequence_number": number}).encode()).raw
+        for number, (kind, payload) in enumerate(events)
+    )
+
+
+class _Emit(Protocol):
+    def __call__(self, kind: str, **fields: Any) -> None: ...
+
+
+def _item_events(emit: _Emit, output_index: int, item: dict[str, Any]) -> None:
+    kind = item.get("type")
+    if kind == "message":
+        emit(
+            "response.output_item.added",
+            output_index=output_index,
+            item={**item, "status": "in_progress", "content": []},
+        )
+        for content_index, part in enumerate(item.get("content") or []):
+            where = {"item_id": item.get("id"), "output_index": output_index, "content_index": content_index}
+            _part_events(emit, where, part)
+    elif kind == "function_call":
+        emit(
+            "response.output_item.added",
+            output_index=output_index,
+            item={**item, "status": "in_progress", "arguments": ""},
+        )
+        arguments = item.get("arguments") or ""
+        where = {"item_id": item.get("id"), "output_index": output_index}
+        emit("response.function_call_arguments.delta", **where, delta=arguments)
+        emit("response.function_call_arguments.done", **where, arguments=arguments)
+    else:
+        # Reasoning, tool calls run by the upstream, ...: opened and closed whole.
+        emit("response.output_item.added", output_index=output_index, item=item)
+    emit("response.output_item.done", output_index=output_index, item=item)
+
+
+def _part_events(emit: _Emit, where: dict[str, Any], part: Any) -> None:
+    if not isinstance(part, dict):
+        return
+    kind = part.get("type")
+    if kind == "output_text":
+        text = part.get("text") or ""
+        logprobs = part.get("logprobs") or []
+        emit("response.content_part.added", **where, part={**part, "text": "", "annotations": []})
+        emit("response.output_text.delta", **where, delta=text, logprobs=logprobs)
+        for number, annotation in enumerate(part.get("annotations") or []):
+            emit(
+                "response.output_text.annotation.added",
+                **where,
+                annotation_index=number,
+                annotation=annotation,
+            )
+        emit("response.output_text.done", **where, text=text, logprobs=logprobs)
+    elif kind == "refusal":
+        refusal = part.get("refusal") or ""
+        emit("response.content_part.added", **where, part={**part, "refusal": ""})
+        emit("response.refusal.delta", **where, delta=refusal)
+        emit("response.refusal.done", **where, refusal=refusal)
+    else:
+        emit("response.content_part.added", **where, part=part)
+    emit("response.content_part.done", **where, part=part)

@@ -175,3 +175,28 @@ def test_the_upstreams_stored_responses_are_read_and_deleted_through_the_proxy(
     assert requests.get(f"{service.url}/v1/responses/{created.id}", timeout=10).status_code == 401
     gets = [p for p in fake_upstream.stats()["paths"] if p.startswith("/v1/responses/")]
     assert sorted(gets) == sorted({f"/v1/responses/{created.id}", f"/v1/responses/{created.id}/input_items"})
+
+
+def test_a_streamed_response_replayed_from_its_result_streams_the_same_text(
+    make_service: MakeService, backend_env: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    """The SDK's ``responses.stream`` folds the typed events in order and prints the deltas: an
+    answer replayed from the stored result (here the same Idempotency-Key sent again) must read
+    as the live one did."""
+    service = make_service(**backend_env)
+    fake_upstream.reset()
+    client = sdk(service)
+    asked: dict[str, Any] = {
+        "model": "gpt-test",
+        "input": "say it twice",
+        "extra_headers": {"Idempotency-Key": "stream-twice"},
+    }
+    texts, finals = [], []
+    for _ in range(2):
+        with client.responses.stream(**asked) as stream:
+            texts.append("".join(e.delta for e in stream if e.type == "response.output_text.delta"))
+            finals.append(stream.get_final_response())
+    assert texts == ["echo: say it twice"] * 2
+    assert [final.output_text for final in finals] == ["echo: say it twice"] * 2
+    assert finals[0].id == finals[1].id
+    assert fake_upstream.stats()["paths"] == {"/v1/responses": 1}  # the second from the stored result

@@ -98,8 +98,74 @@ def test_text_completion_chunks_fold_into_a_text_completion() -> None:
     assert again.completion() == completion
 
 
-def test_a_stored_response_replays_as_created_then_completed() -> None:
-    events = list(sse_events([as_events(Endpoint.RESPONSES, RESPONSE)]))
-    assert [e.name for e in events] == [b"response.created", b"response.completed"]
-    assert json.loads(events[1].data)["response"] == RESPONSE
-    assert b"[DONE]" not in as_events(Endpoint.RESPONSES, RESPONSE)
+RICH = {
+    "id": "resp_2",
+    "object": "response",
+    "status": "completed",
+    "usage": {"total_tokens": 9},
+    "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [
+                {"type": "output_text", "text": 'Hi "there"', "annotations": [{"type": "url_citation"}]},
+                {"type": "refusal", "refusal": "not that"},
+            ],
+        },
+        {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": '{"a": 1}'},
+    ],
+}
+
+
+def test_a_stored_response_replays_as_the_events_a_streamed_one_sends() -> None:
+    raw = as_events(Endpoint.RESPONSES, RICH)
+    assert b"[DONE]" not in raw
+    events = [(e.name, json.loads(e.data)) for e in sse_events([raw])]
+    assert all(name is not None and name.decode() == data["type"] for name, data in events)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    kinds = [data["type"] for _, data in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert events[0][1]["response"]["output"] == [] and events[0][1]["response"]["status"] == "in_progress"
+    assert kinds[-1] == "response.completed" and events[-1][1]["response"] == RICH
+    # What clients read while streaming: the text, the refusal and the arguments, whole.
+    of = {kind: [data for _, data in events if data["type"] == kind] for kind in kinds}
+    assert [d["delta"] for d in of["response.output_text.delta"]] == ['Hi "there"']
+    assert of["response.output_text.delta"][0] | {"delta": None} == {
+        "type": "response.output_text.delta",
+        "item_id": "msg_1",
+        "output_index": 1,
+        "content_index": 0,
+        "delta": None,
+        "logprobs": [],
+        "sequence_number": of["response.output_text.delta"][0]["sequence_number"],
+    }
+    assert [d["delta"] for d in of["response.refusal.delta"]] == ["not that"]
+    assert of["response.refusal.delta"][0]["content_index"] == 1
+    assert [d["arguments"] for d in of["response.function_call_arguments.done"]] == ['{"a": 1}']
+    assert [d["annotation"] for d in of["response.output_text.annotation.added"]] == [
+        {"type": "url_citation"}
+    ]
+    # Every item opened before its parts and closed as stored, in order.
+    assert [(d["output_index"], d["item"]["id"]) for d in of["response.output_item.added"]] == [
+        (0, "rs_1"),
+        (1, "msg_1"),
+        (2, "fc_1"),
+    ]
+    assert [d["item"] for d in of["response.output_item.done"]] == RICH["output"]
+    assert of["response.output_item.added"][1]["item"]["content"] == []
+    assert [d["part"]["type"] for d in of["response.content_part.done"]] == ["output_text", "refusal"]
+    # Folded again as a streamed answer is: the same response.
+    assembler = ResponseAssembler()
+    for _, data in events:
+        assembler.add(data)
+    assert assembler.done and assembler.completion() == RICH
+
+
+def test_a_stored_response_cut_short_replays_as_incomplete() -> None:
+    cut = {**RESPONSE, "status": "incomplete", "output": [{"type": "message", "id": "m", "content": []}]}
+    events = list(sse_events([as_events(Endpoint.RESPONSES, cut)]))
+    assert events[-1].name == b"response.incomplete"
+    assert [e.name for e in events].count(b"response.output_item.done") == 1
