@@ -62,7 +62,8 @@ def test_concurrency_ceiling_holds_and_queue_positions_count_down(
     fake_upstream.reset()
     ids = []
     for i in range(12):
-        reply = service.submit(body(f"n{i}", x_fake={"key": f"ceil-{i}", "delay": 0.25}))
+        # The first three (FIFO) hold their slots long enough for the probe below to see them.
+        reply = service.submit(body(f"n{i}", x_fake={"key": f"ceil-{i}", "delay": 2.0 if i < 3 else 0.25}))
         assert reply.status_code == 202
         ids.append(reply.json()["request_id"])
 

@@ -202,11 +202,12 @@ def test_renew_extends_only_current_leases(backend: Backend) -> None:
     queue = backend.queue
     for i in range(3):
         queue.put(job(i))
-    mine = claim(queue, limit=2, holder="w1", lease=0.2)
-    [theirs] = claim(queue, holder="w2", lease=0.2)
+    # Long enough for the claims, ack and renewal below on a loaded machine.
+    mine = claim(queue, limit=2, holder="w1", lease=1.0)
+    [theirs] = claim(queue, holder="w2", lease=1.0)
     queue.ack(mine[1])
     assert queue.renew(mine, 60).held == {(mine[0].ticket, mine[0].lease.token)}
-    time.sleep(0.3)
+    time.sleep(1.1)
     # Only w2's lease lapsed: w1 renewed in time.
     assert queue.requeue_lapsed(time.time()) == 1
     assert queue.holds(mine[0]) and not queue.holds(theirs)

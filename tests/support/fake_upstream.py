@@ -119,6 +119,9 @@ class FakeUpstream:
         self.reset()
 
     def reset(self) -> None:
+        # Calls of earlier tests may still be sleeping out their delay (the proxy gave up on
+        # them): they must not count in, or out of, the counters of the test that reset.
+        self.generation = getattr(self, "generation", 0) + 1
         self.calls = 0
         self.inflight = 0
         self.peak = 0
@@ -220,6 +223,7 @@ class FakeUpstream:
                 },
                 limited[1],
             )
+        generation = self.generation
         self.inflight += 1
         self.peak = max(self.peak, self.inflight)
         try:
@@ -287,7 +291,8 @@ class FakeUpstream:
                 headers,
             )
         finally:
-            self.inflight -= 1
+            if generation == self.generation:
+                self.inflight -= 1
 
     def _rate_limit(self, model: str, body: dict[str, Any]) -> tuple[int, dict[str, str]] | None:
         """(200 or 429, the headers to send) for a model with limits; None for one without."""
