@@ -137,6 +137,8 @@ def test_a_killed_worker_s_webhook_delivery_is_taken_up_by_another(
     rid = web.submit(body("hook", webhookUrl=receiver.url(f"/fail/1/{name}"))).json()["request_id"]
     # Its first attempt failed; the next one is due in about 2 s, and the worker dies meanwhile.
     wait_until(lambda: len(receiver.received(name)) == 1, timeout=20)
+    # Stored as failed (the receiver answers before the worker stores what it answered).
+    wait_until(lambda: (web.status(rid).json().get("webhook") or {}).get("attempts") == 1, timeout=10)
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait(timeout=10)
     killed_at = time.monotonic()
