@@ -341,23 +341,29 @@ def text_completion_as_events(completion: dict[str, Any]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
+_FINAL_ONLY = ("usage", "completed_at", "incomplete_details", "error")
+_CALLS_BY_CALL_ID = ("function_call", "custom_tool_call", "shell_call", "shell_call_output")
+
+
 def response_as_events(response: dict[str, Any]) -> bytes:
     """A stored ``response`` as the typed events the Responses API streams: each output item
-    opened, its text (or refusal, or a function call's arguments) as one delta, closed, then
-    ``response.completed`` with the response whole. Clients read either the deltas or the last
-    event, and the SDK's ``responses.stream`` folds the events in order, so both must agree."""
+    opened, its text (or refusal, reasoning summary, or a function call's arguments) as one delta,
+    closed, then ``response.completed`` with the response whole. Clients read either the deltas
+    or the last event, and the SDK's ``responses.stream`` folds the events in order, so both must
+    agree: an output it could not fold (items without ids, or two with one identity, as some
+    compatible upstreams send) is told by the first and last events alone."""
     events: list[tuple[str, dict[str, Any]]] = []
 
     def emit(kind: str, **fields: Any) -> None:
         events.append((kind, {"type": kind, **fields}))
 
-    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    started = {**response, "status": "in_progress", "output": [], **dict.fromkeys(_FINAL_ONLY)}
     emit("response.created", response=started)
     emit("response.in_progress", response=started)
-    for output_index, item in enumerate(response.get("output") or []):
-        if not isinstance(item, dict):
-            continue
-        _item_events(emit, output_index, item)
+    output = response.get("output") or []
+    if _foldable(output):
+        for output_index, item in enumerate(output):
+            _item_events(emit, output_index, item)
     last = "response.incomplete" if response.get("status") == "incomplete" else "response.completed"
     emit(last, response=response)
     return b"".join(
@@ -366,12 +372,35 @@ def response_as_events(response: dict[str, Any]) -> bytes:
     )
 
 
+def _foldable(output: Any) -> bool:
+    """Whether each item (and each of its parts) can be told apart as the SDK tells them: by
+    type and id, or by ``call_id`` for calls."""
+    if not isinstance(output, list):
+        return False
+    seen = set()
+    for item in output:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return False
+        kind = item.get("type")
+        identity = (
+            (kind, None, item.get("call_id")) if kind in _CALLS_BY_CALL_ID else (kind, item["id"], None)
+        )
+        if identity in seen:
+            return False
+        seen.add(identity)
+        parts = [*(item.get("content") or []), *(item.get("summary") or [])]
+        if not all(isinstance(part, dict) for part in parts):
+            return False
+    return True
+
+
 class _Emit(Protocol):
     def __call__(self, kind: str, **fields: Any) -> None: ...
 
 
 def _item_events(emit: _Emit, output_index: int, item: dict[str, Any]) -> None:
     kind = item.get("type")
+    where = {"item_id": item["id"], "output_index": output_index}
     if kind == "message":
         emit(
             "response.output_item.added",
@@ -379,8 +408,7 @@ def _item_events(emit: _Emit, output_index: int, item: dict[str, Any]) -> None:
             item={**item, "status": "in_progress", "content": []},
         )
         for content_index, part in enumerate(item.get("content") or []):
-            where = {"item_id": item.get("id"), "output_index": output_index, "content_index": content_index}
-            _part_events(emit, where, part)
+            _part_events(emit, {**where, "content_index": content_index}, part)
     elif kind == "function_call":
         emit(
             "response.output_item.added",
@@ -388,23 +416,32 @@ def _item_events(emit: _Emit, output_index: int, item: dict[str, Any]) -> None:
             item={**item, "status": "in_progress", "arguments": ""},
         )
         arguments = item.get("arguments") or ""
-        where = {"item_id": item.get("id"), "output_index": output_index}
         emit("response.function_call_arguments.delta", **where, delta=arguments)
-        emit("response.function_call_arguments.done", **where, arguments=arguments)
+        emit("response.function_call_arguments.done", **where, name=item.get("name"), arguments=arguments)
+    elif kind == "reasoning":
+        opened = {**item, "summary": []}
+        if "status" in item:
+            opened["status"] = "in_progress"
+        if "content" in item:
+            opened["content"] = []
+        emit("response.output_item.added", output_index=output_index, item=opened)
+        _reasoning_events(emit, where, item)
     else:
-        # Reasoning, tool calls run by the upstream, ...: opened and closed whole.
+        # Tool calls run by the upstream, ...: opened and closed whole.
         emit("response.output_item.added", output_index=output_index, item=item)
     emit("response.output_item.done", output_index=output_index, item=item)
 
 
-def _part_events(emit: _Emit, where: dict[str, Any], part: Any) -> None:
-    if not isinstance(part, dict):
-        return
+def _part_events(emit: _Emit, where: dict[str, Any], part: dict[str, Any]) -> None:
     kind = part.get("type")
     if kind == "output_text":
         text = part.get("text") or ""
         logprobs = part.get("logprobs") or []
-        emit("response.content_part.added", **where, part={**part, "text": "", "annotations": []})
+        emit(
+            "response.content_part.added",
+            **where,
+            part={**part, "text": "", "annotations": [], "logprobs": []},
+        )
         emit("response.output_text.delta", **where, delta=text, logprobs=logprobs)
         for number, annotation in enumerate(part.get("annotations") or []):
             emit(
@@ -422,3 +459,18 @@ def _part_events(emit: _Emit, where: dict[str, Any], part: Any) -> None:
     else:
         emit("response.content_part.added", **where, part=part)
     emit("response.content_part.done", **where, part=part)
+
+
+def _reasoning_events(emit: _Emit, where: dict[str, Any], item: dict[str, Any]) -> None:
+    for summary_index, part in enumerate(item.get("summary") or []):
+        at = {**where, "summary_index": summary_index}
+        text = part.get("text") or ""
+        emit("response.reasoning_summary_part.added", **at, part={**part, "text": ""})
+        emit("response.reasoning_summary_text.delta", **at, delta=text)
+        emit("response.reasoning_summary_text.done", **at, text=text)
+        emit("response.reasoning_summary_part.done", **at, part=part)
+    for content_index, part in enumerate(item.get("content") or []):
+        at = {**where, "content_index": content_index}
+        text = part.get("text") or ""
+        emit("response.reasoning_text.delta", **at, delta=text)
+        emit("response.reasoning_text.done", **at, text=text)

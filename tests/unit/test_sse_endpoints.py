@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai
+from openai.lib.streaming.responses import ResponseStreamState
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
+
 from llm_proxy.domain.endpoints import Endpoint
 from llm_proxy.upstream.sse import (
     Event,
@@ -101,17 +106,41 @@ def test_text_completion_chunks_fold_into_a_text_completion() -> None:
 RICH = {
     "id": "resp_2",
     "object": "response",
+    "created_at": 1,
+    "model": "gpt-test",
     "status": "completed",
-    "usage": {"total_tokens": 9},
+    "completed_at": 2,
+    "parallel_tool_calls": True,
+    "tool_choice": "auto",
+    "tools": [],
+    "usage": {
+        "input_tokens": 1,
+        "output_tokens": 8,
+        "total_tokens": 9,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 2},
+    },
     "output": [
-        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "thinking"}]},
         {
             "type": "message",
             "id": "msg_1",
             "status": "completed",
             "role": "assistant",
             "content": [
-                {"type": "output_text", "text": 'Hi "there"', "annotations": [{"type": "url_citation"}]},
+                {
+                    "type": "output_text",
+                    "text": 'Hi "there"',
+                    "annotations": [
+                        {
+                            "type": "url_citation",
+                            "url": "https://x.test/",
+                            "title": "x",
+                            "start_index": 0,
+                            "end_index": 2,
+                        }
+                    ],
+                },
                 {"type": "refusal", "refusal": "not that"},
             ],
         },
@@ -144,10 +173,13 @@ def test_a_stored_response_replays_as_the_events_a_streamed_one_sends() -> None:
     }
     assert [d["delta"] for d in of["response.refusal.delta"]] == ["not that"]
     assert of["response.refusal.delta"][0]["content_index"] == 1
-    assert [d["arguments"] for d in of["response.function_call_arguments.done"]] == ['{"a": 1}']
-    assert [d["annotation"] for d in of["response.output_text.annotation.added"]] == [
-        {"type": "url_citation"}
+    assert [(d["name"], d["arguments"]) for d in of["response.function_call_arguments.done"]] == [
+        ("f", '{"a": 1}')
     ]
+    assert [d["delta"] for d in of["response.reasoning_summary_text.delta"]] == ["thinking"]
+    assert of["response.output_item.added"][0]["item"]["summary"] == []
+    annotations = [d["annotation"] for d in of["response.output_text.annotation.added"]]
+    assert annotations == [RICH["output"][1]["content"][0]["annotations"][0]]  # type: ignore[index]
     # Every item opened before its parts and closed as stored, in order.
     assert [(d["output_index"], d["item"]["id"]) for d in of["response.output_item.added"]] == [
         (0, "rs_1"),
@@ -169,3 +201,38 @@ def test_a_stored_response_cut_short_replays_as_incomplete() -> None:
     events = list(sse_events([as_events(Endpoint.RESPONSES, cut)]))
     assert events[-1].name == b"response.incomplete"
     assert [e.name for e in events].count(b"response.output_item.done") == 1
+
+
+def _sdk_folds(response: dict[str, Any]) -> tuple[str, Any]:
+    """What the OpenAI SDK's ``responses.stream`` makes of the replayed events: the text its
+    delta events carry, and the response it hands over at the end. Each event is first checked
+    against the SDK's own event types, strictly; the SDK raises on events it cannot fold."""
+    state: ResponseStreamState[Any] = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    told = [
+        told
+        for event in sse_events([as_events(Endpoint.RESPONSES, response)])
+        for told in state.handle_event(adapter.validate_python(json.loads(event.data)))
+    ]
+    text = "".join(e.delta for e in told if e.type == "response.output_text.delta")
+    assert told[-1].type == "response.completed"
+    return text, told[-1].response
+
+
+def test_the_sdk_folds_a_replayed_response_into_the_stored_one() -> None:
+    text, final = _sdk_folds(RICH)
+    assert text == 'Hi "there"' and final.output_text == 'Hi "there"'
+    assert final.id == "resp_2" and [item.id for item in final.output] == ["rs_1", "msg_1", "fc_1"]
+    assert final.output[2].arguments == '{"a": 1}' and final.usage.total_tokens == 9
+
+
+def test_outputs_the_sdk_could_not_tell_apart_replay_as_their_first_and_last_events() -> None:
+    """Items without ids, or two with one identity (some compatible upstreams send them): the
+    SDK would raise on their item events (or the events would name no item), so only the
+    response itself is told."""
+    message: dict[str, Any] = RICH["output"][1]  # type: ignore[index]
+    nameless = {k: v for k, v in message.items() if k != "id"}
+    for output in ([nameless], [nameless, nameless], [message, message]):
+        response = {**RICH, "output": output}
+        kinds = [e.name for e in sse_events([as_events(Endpoint.RESPONSES, response)])]
+        assert kinds == [b"response.created", b"response.in_progress", b"response.completed"]
