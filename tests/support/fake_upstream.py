@@ -116,12 +116,13 @@ class Bucket:
 class FakeUpstream:
     def __init__(self, default_delay: float) -> None:
         self.default_delay = default_delay
+        self.generation = 0
         self.reset()
 
     def reset(self) -> None:
         # Calls of earlier tests may still be sleeping out their delay (the proxy gave up on
         # them): they must not count in, or out of, the counters of the test that reset.
-        self.generation = getattr(self, "generation", 0) + 1
+        self.generation += 1
         self.calls = 0
         self.inflight = 0
         self.peak = 0
